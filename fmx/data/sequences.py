@@ -1,0 +1,121 @@
+"""User sequences in memory, leave-one-out splits, and fixed-shape batches via grain.
+
+Protocols (`input.protocol`):
+  * "official": the last item of every user is the test target; training uses every earlier
+    item; there is no validation split (the official HSTU protocol: report the last epoch).
+  * "validation": the second-to-last item is a validation target, the last the test target;
+    training uses the items before the validation item; the best epoch is chosen on validation.
+Held-out items never enter a training input or target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+PROTOCOLS = ("official", "validation")
+
+
+@dataclasses.dataclass
+class UserSequences:
+  """Chronological per-user sequences (list index = user id - 1) and item side features."""
+
+  name: str
+  item_ids: list[np.ndarray]
+  ratings: list[np.ndarray]
+  timestamps: list[np.ndarray]
+  titles: list[str]  # [num_items + 1]; index 0 is padding
+  years: np.ndarray  # [num_items + 1]
+  genres: np.ndarray  # [num_items + 1, num_genres]
+
+  @property
+  def num_items(self) -> int:
+    return len(self.titles) - 1
+
+  @property
+  def num_users(self) -> int:
+    return len(self.item_ids)
+
+
+def num_held_out(protocol: str) -> int:
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"input.protocol={protocol!r}: expected one of {PROTOCOLS}")
+  return 1 if protocol == "official" else 2
+
+
+def train_cut(data: UserSequences, protocol: str) -> np.ndarray:
+  """Per user, the number of leading items that training may see."""
+  return np.array([len(s) for s in data.item_ids]) - num_held_out(protocol)
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+  out = np.zeros((n,), x.dtype)
+  out[: len(x)] = x
+  return out
+
+
+def train_example(data: UserSequences, user: int, cut: int, max_len: int) -> dict[str, np.ndarray]:
+  """The most recent `max_len + 1` training items of `user`: inputs predict their successors."""
+  ids = data.item_ids[user][:cut][-(max_len + 1):]
+  ts = data.timestamps[user][:cut][-(max_len + 1):]
+  n = max(len(ids) - 1, 0)
+  return {"ids": _pad(ids[:-1], max_len), "timestamps": _pad(ts[:-1], max_len),
+          "query_times": _pad(ts[1:], max_len), "targets": _pad(ids[1:], max_len),
+          "lengths": np.int32(n)}
+
+
+def empty_train_example(max_len: int) -> dict[str, np.ndarray]:
+  z = np.zeros((max_len,), np.int32)
+  return {"ids": z, "timestamps": z.astype(np.int64), "query_times": z.astype(np.int64),
+          "targets": z, "lengths": np.int32(0)}
+
+
+def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: int,
+                  seed: int, num_epochs: int) -> tuple[grain.MapDataset, int]:
+  """Indexable dataset of training batches over `num_epochs` and the number of steps per epoch.
+
+  Every epoch holds every user once in a fresh seeded order, padded with empty (zero-weight)
+  examples to a whole number of batches, so batch `s` is a pure function of (seed, s): a
+  resumed run continues at the exact stream position.
+  """
+  cuts = train_cut(data, protocol)
+  users = [u for u in range(data.num_users) if cuts[u] >= 2]
+  steps = -(-len(users) // batch_size)
+  slots = users + [-1] * (steps * batch_size - len(users))
+
+  def make(u: int):
+    return empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
+
+  ds = grain.MapDataset.source(slots).shuffle(seed=seed).repeat(num_epochs).map(make)
+  return ds.batch(batch_size, drop_remainder=True), steps
+
+
+def eval_arrays(data: UserSequences, protocol: str, split: str, max_len: int) -> dict[str, np.ndarray]:
+  """Every user's last `max_len` items before the `split` target ("test" | "valid"), the target,
+  and the full pre-target history (`seen`, for excluding already-consumed items)."""
+  held = num_held_out(protocol)
+  if split == "valid" and held < 2:
+    raise ValueError("split='valid' needs input.protocol='validation'")
+  offset = 1 if split == "test" else 2
+  cuts = np.array([len(s) for s in data.item_ids]) - offset
+  longest = int(cuts.max())
+  out = {k: [] for k in ("ids", "timestamps", "query_times", "lengths", "targets", "seen")}
+  for u, cut in enumerate(cuts):
+    ids, ts = data.item_ids[u], data.timestamps[u]
+    hist, hts = ids[:cut][-max_len:], ts[:cut][-max_len:]
+    out["ids"].append(_pad(hist, max_len))
+    out["timestamps"].append(_pad(hts, max_len))
+    out["query_times"].append(_pad(np.append(hts[1:], ts[cut]), max_len))
+    out["lengths"].append(len(hist))
+    out["targets"].append(ids[cut])
+    out["seen"].append(_pad(ids[:cut], longest))
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def train_item_counts(data: UserSequences, protocol: str) -> np.ndarray:
+  """`[num_items + 1]` interaction counts over the training part (for the popularity baseline)."""
+  cuts = train_cut(data, protocol)
+  seen = np.concatenate([s[:c] for s, c in zip(data.item_ids, cuts)])
+  return np.bincount(seen, minlength=data.num_items + 1)

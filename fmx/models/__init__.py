@@ -1,0 +1,1 @@
+"""Pure Flax modules: parameters are pytrees, `apply` is a pure function; no I/O here."""

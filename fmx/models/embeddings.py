@@ -1,0 +1,45 @@
+"""Input embeddings shared by the sequential encoders."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class ItemEmbedding(nn.Module):
+  """Item-id table `[vocab, d]`; row 0 is padding. Truncated-normal(0.02) as the official code."""
+
+  vocab_size: int
+  dim: int
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.initializers.truncated_normal(stddev=0.02), (self.vocab_size, self.dim))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0)
+
+
+class PositionalInput(nn.Module):
+  """`x * sqrt(d) + pos_emb(position)`, dropout, padded positions zeroed (official preprocessor)."""
+
+  max_len: int
+  dim: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
+    n = x.shape[1]
+    pos = self.param("pos_embedding", nn.initializers.truncated_normal(stddev=math.sqrt(1.0 / self.dim)),
+                     (self.max_len, self.dim))
+    x = x * math.sqrt(self.dim) + pos[None, :n]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    valid = jnp.arange(n)[None, :] < lengths[:, None]
+    return jnp.where(valid[..., None], x, 0.0)
