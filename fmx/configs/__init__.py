@@ -1,0 +1,1 @@
+"""Experiment configs: one module per family, variants through the config argument."""

@@ -1,0 +1,38 @@
+"""Sampled softmax over uniform negatives (the official HSTU retrieval loss)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEGATIVE_SHARING = ("per_position", "per_sequence", "per_batch")
+
+
+def negative_shape(sharing: str, batch: int, length: int, k: int) -> tuple[int, ...]:
+  """Shape of the sampled negative ids: one set per position, per sequence or per batch."""
+  shapes = {"per_position": (batch, length, k), "per_sequence": (batch, k), "per_batch": (k,)}
+  if sharing not in shapes:
+    raise ValueError(f"loss.negatives={sharing!r}: expected one of {NEGATIVE_SHARING}")
+  return shapes[sharing]
+
+
+def sampled_softmax(query: jax.Array, pos: jax.Array, neg: jax.Array, pos_ids: jax.Array,
+                    neg_ids: jax.Array, weights: jax.Array, temperature: float) -> jax.Array:
+  """Weighted mean of `-log softmax([q.p, q.n_1..q.n_K] / T)[0]` over positions.
+
+  Args:
+    query, pos: `[B, N, d]` (L2-normalised by the caller); pos_ids, weights: `[B, N]`.
+    neg: `[B, N, K, d]`, `[B, K, d]` or `[K, d]` with matching `neg_ids` `[B, N, K]`, `[B, K]`
+      or `[K]`. A negative equal to the positive (an accidental hit) is excluded.
+  """
+  pos_logit = jnp.sum(query * pos, axis=-1) / temperature  # [B, N]
+  if neg.ndim == 4:
+    neg_logit, nid = jnp.einsum("bnd,bnkd->bnk", query, neg), neg_ids
+  elif neg.ndim == 3:
+    neg_logit, nid = jnp.einsum("bnd,bkd->bnk", query, neg), neg_ids[:, None, :]
+  else:
+    neg_logit, nid = jnp.einsum("bnd,kd->bnk", query, neg), neg_ids[None, None, :]
+  neg_logit = jnp.where(nid == pos_ids[..., None], -1e9, neg_logit / temperature)
+  logits = jnp.concatenate([pos_logit[..., None], neg_logit], axis=-1)
+  loss = jax.nn.logsumexp(logits, axis=-1) - pos_logit
+  return jnp.sum(loss * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -1,0 +1,214 @@
+"""Next-item retrieval trainer: sampled-softmax training, full-ranking leave-one-out evaluation.
+
+`train_and_evaluate(config, workdir)` is what `python -m fmx.main` runs for `job="retrieval"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+
+from fmx.data import sequences as seqlib
+from fmx.data import movielens, synthetic
+from fmx.models.sequential import SequentialRetrieval
+from fmx.train import checkpoint, losses, metrics, reporting, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def load_data(c: ml_collections.ConfigDict) -> seqlib.UserSequences:
+  if c.dataset == "synthetic":
+    return synthetic.generate(**c.synthetic.to_dict())
+  return movielens.load(c.dataset, c.data_dir, c.manual_dir, c.fetch_wheel)
+
+
+def padded_vocab(num_items: int, multiple: int = 8) -> int:
+  """Item table rows: padding row 0 + items, rounded up so rows shard evenly."""
+  return -(-(num_items + 1) // multiple) * multiple
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  schedule = optax.warmup_constant_schedule(0.0, c.lr, c.warmup_steps) if c.warmup_steps else c.lr
+  return optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+
+
+@dataclasses.dataclass
+class RetrievalTask:
+  """Pure step functions of one (config, dataset): no state lives here but constants."""
+
+  config: ml_collections.ConfigDict
+  model: SequentialRetrieval
+  tx: optax.GradientTransformation
+  num_items: int
+
+  def init(self, rng: jax.Array) -> TrainState:
+    n = self.config.input.max_len
+    z = jnp.zeros((1, n), jnp.int32)
+    params = self.model.init(rng, z, jnp.ones((1,), jnp.int32), z, z)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+  def loss(self, params, batch, rng):
+    c = self.config.loss
+    b, n = batch["ids"].shape
+    drop_rng, neg_rng = jax.random.split(rng)
+    query = self.model.apply({"params": params}, batch["ids"], batch["lengths"],
+                             batch["timestamps"], batch["query_times"], train=True,
+                             rngs={"dropout": drop_rng})
+    neg_ids = jax.random.randint(neg_rng, losses.negative_shape(c.negatives, b, n, c.num_negatives),
+                                 1, self.num_items + 1)
+    embed = lambda ids: self.model.apply({"params": params}, ids, method="item_embeddings")
+    weights = (jnp.arange(n)[None, :] < batch["lengths"][:, None]).astype(jnp.float32)
+    return losses.sampled_softmax(query, embed(batch["targets"]), embed(neg_ids), batch["targets"],
+                                  neg_ids, weights, c.temperature)
+
+  def train_step(self, state: TrainState, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    loss, grads = jax.value_and_grad(self.loss)(state.params, batch, rng)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state), {"loss": loss,
+                                                           "grad_norm": optax.global_norm(grads)}
+
+  def scores(self, params, batch):
+    """`[B, V]` cosine scores of every item against the last history position."""
+    query = self.model.apply({"params": params}, batch["ids"], batch["lengths"],
+                             batch["timestamps"], batch["query_times"])
+    last = jnp.take_along_axis(query, jnp.maximum(batch["lengths"] - 1, 0)[:, None, None], axis=1)[:, 0]
+    return last @ self.model.apply({"params": params}, method="item_embeddings").T
+
+  def eval_ranks(self, params, batch):
+    return metrics.target_ranks(self.scores(params, batch), batch["targets"], batch["seen"],
+                                self.num_items)
+
+
+def _eval_batches(arrays: dict[str, np.ndarray], batch_size: int):
+  """Fixed-shape eval batches; the tail is padded by repeating row 0 and trimmed afterwards."""
+  total = len(arrays["targets"])
+  for start in range(0, total, batch_size):
+    idx = np.arange(start, start + batch_size)
+    keep = idx < total
+    yield {k: v[np.where(keep, idx, 0)] for k, v in arrays.items()}, int(keep.sum())
+
+
+def evaluate_ranks(rank_fn, params, arrays, batch_size: int) -> np.ndarray:
+  out = []
+  for batch, keep in _eval_batches(arrays, batch_size):
+    out.append(np.asarray(rank_fn(params, batch))[:keep])
+  return np.concatenate(out)
+
+
+def popularity_metrics(data, protocol, split_arrays, ks, batch_size) -> dict[str, float]:
+  """The most-popular baseline ranked under exactly the same protocol."""
+  counts = jnp.asarray(seqlib.train_item_counts(data, protocol), jnp.float32)
+  fn = jax.jit(lambda _, b: metrics.target_ranks(
+      jnp.broadcast_to(counts, (b["targets"].shape[0], counts.shape[0])), b["targets"], b["seen"],
+      data.num_items))
+  ranks = evaluate_ranks(fn, None, split_arrays, batch_size)
+  return {f"{k}_popular": v for k, v in metrics.ranking_metrics(ranks, ks).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  t0 = time.time()
+  c = config
+  data = load_data(c.input)
+  protocol, n = c.input.protocol, c.input.max_len
+  ks = tuple(c.evals.ks)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
+  vocab = padded_vocab(data.num_items, max(8, mesh.shape["model"]))
+  batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
+                                                  c.num_epochs)
+  total_steps = steps_per_epoch * c.num_epochs
+  task = RetrievalTask(c, SequentialRetrieval(c.model, vocab), make_optimizer(c.optimizer, total_steps),
+                       data.num_items)
+
+  rng = jax.random.PRNGKey(c.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  abstract = jax.eval_shape(task.init, init_rng)
+  state_sh = sharding.tree_shardings(abstract, mesh, c.mesh.rules)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_step = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, repl),
+                       out_shardings=(state_sh, repl), donate_argnums=0)
+  eval_ranks = jax.jit(task.eval_ranks, in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+
+  ckpt = checkpoint.Checkpointer(workdir)
+  restored = ckpt.restore(checkpoint.abstract_like(abstract, state_sh))
+  if restored is None:
+    state = jax.jit(task.init, out_shardings=state_sh)(init_rng)
+    meta = {"best": None}
+  else:
+    state, meta = restored
+    print(f"fmx: resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
+  report = reporting.RunReporter(workdir)
+  splits = ["test"] + (["valid"] if protocol == "validation" else [])
+  eval_arrays = {s: seqlib.eval_arrays(data, protocol, s, n) for s in splits}
+  eb = c.evals.batch_size
+
+  def run_eval(epoch: int) -> dict[str, float]:
+    out = {}
+    for s in splits:
+      m = metrics.ranking_metrics(evaluate_ranks(eval_ranks, state.params, eval_arrays[s], eb), ks)
+      out.update({(k if s == "test" else f"valid/{k}"): v for k, v in m.items()})
+    report.evaluation(int(state.step), epoch, time.time() - t0, out)
+    return out
+
+  start = int(state.step)
+  stream = batches[start:].to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  bar = tqdm.tqdm(total=total_steps, initial=start, desc=f"{c.input.dataset} {c.model.encoder}",
+                  unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=2.0,
+                  disable=not c.progress)
+  epoch_t = time.time()
+  latest = None
+  for step, batch in zip(range(start, total_steps), stream):
+    state, m = train_step(state, batch, train_rng)
+    bar.update(1)
+    if (step + 1) % c.log_every_steps == 0:
+      scalars = {k: float(v) for k, v in m.items()}
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+      report.scalars(step + 1, {f"train/{k}": v for k, v in scalars.items()})
+    if (step + 1) % steps_per_epoch == 0:
+      epoch = (step + 1) // steps_per_epoch
+      report.scalars(step + 1, {"train/epoch_seconds": time.time() - epoch_t})
+      if epoch % c.evals.every_epochs == 0 or epoch == c.num_epochs:
+        latest = run_eval(epoch)
+        selector = "valid/ndcg@10" if protocol == "validation" else None
+        if selector and (meta["best"] is None or latest[selector] > meta["best"][selector]):
+          meta["best"] = {"epoch": epoch, **latest}
+        bar.write(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in latest.items()
+                                                 if k in ("hr@10", "ndcg@10", "valid/ndcg@10")))
+      ckpt.save(step + 1, state, meta)
+      epoch_t = time.time()
+  bar.close()
+  ckpt.close()
+  if latest is None:  # resumed after the last step: evaluate the restored state once
+    latest = run_eval(int(state.step) // steps_per_epoch)
+  final = meta["best"] if protocol == "validation" and meta["best"] else {
+      "epoch": int(state.step) // steps_per_epoch, **latest}
+  results = {
+      **final,
+      **popularity_metrics(data, protocol, eval_arrays["test"], ks, eb),
+      "selected_by": "valid/ndcg@10 (best epoch)" if protocol == "validation" else "last epoch",
+      "protocol": protocol, "dataset": c.input.dataset, "model": c.model.encoder,
+      "wall_s": round(time.time() - t0, 2), "steps": int(state.step), "config": c.to_dict(),
+  }
+  path = report.results(results)
+  report.close()
+  logging.info("Wrote %s", path)
+  return results

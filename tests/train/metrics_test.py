@@ -1,0 +1,55 @@
+"""Ranking metrics and the sampled-softmax loss on hand-computed cases."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmx.train import losses, metrics
+
+
+def test_target_ranks_exclude_history_and_break_ties_by_id():
+  # items 1..5 (column 0 is padding, column 6 is vocab padding)
+  scores = jnp.array([[9.0, 0.5, 0.9, 0.7, 0.7, 0.1, 99.0],
+                      [9.0, 0.5, 0.9, 0.7, 0.7, 0.1, 99.0]])
+  targets = jnp.array([4, 4])
+  seen = jnp.array([[0, 0], [2, 0]])  # user 2 already consumed item 2
+  ranks = np.asarray(metrics.target_ranks(scores, targets, seen, num_items=5))
+  # user 1: item 2 (0.9) and item 3 (0.7, tie with smaller id) rank ahead -> rank 2
+  # user 2: item 2 is excluded -> rank 1
+  np.testing.assert_array_equal(ranks, [2, 1])
+
+
+def test_target_is_rankable_even_if_seen_before():
+  scores = jnp.array([[0.0, 0.2, 0.1]])
+  ranks = metrics.target_ranks(scores, jnp.array([1]), jnp.array([[1]]), num_items=2)
+  assert int(ranks[0]) == 0
+
+
+def test_ranking_metrics_hand_computed():
+  m = metrics.ranking_metrics(np.array([0, 3, 12, 60]), ks=(10, 50))
+  assert m["hr@10"] == pytest.approx(0.5)
+  assert m["hr@50"] == pytest.approx(0.75)
+  assert m["ndcg@10"] == pytest.approx((1.0 + 1.0 / np.log2(5)) / 4)
+  assert m["ndcg@50"] == pytest.approx((1.0 + 1.0 / np.log2(5) + 1.0 / np.log2(14)) / 4)
+  assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13 + 1 / 61) / 4)
+
+
+def test_sampled_softmax_hand_computed_and_accidental_hits():
+  q = jnp.array([[[1.0, 0.0]]])  # [B=1, N=1, d=2]
+  pos = jnp.array([[[0.0, 1.0]]])
+  neg = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # per-batch negatives, ids 7 and 3
+  loss = losses.sampled_softmax(q, pos, neg, jnp.array([[3]]), jnp.array([7, 3]),
+                                jnp.ones((1, 1)), temperature=0.5)
+  # logits: positive 0/0.5 = 0; negative id 7: 1/0.5 = 2; negative id 3 is the positive (masked)
+  assert float(loss) == pytest.approx(np.log(np.exp(0.0) + np.exp(2.0)), rel=1e-6)
+
+
+def test_sampled_softmax_ignores_zero_weight_positions():
+  q = jnp.ones((1, 2, 2)) / np.sqrt(2)
+  pos = jnp.stack([q[0, 0], -q[0, 1]])[None]
+  neg = jnp.zeros((1, 3, 2))
+  args = (jnp.array([[1, 2]]), jnp.array([[4, 5, 6]]))
+  full = losses.sampled_softmax(q, pos, neg, *args, jnp.array([[1.0, 0.0]]), 1.0)
+  only_first = losses.sampled_softmax(q[:, :1], pos[:, :1], neg, args[0][:, :1], args[1],
+                                      jnp.ones((1, 1)), 1.0)
+  assert float(full) == pytest.approx(float(only_first))
