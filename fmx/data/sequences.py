@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 PROTOCOLS = ("official", "validation")
+TIME_KEYS = ("ids", "timestamps", "query_times", "targets")  # arrays with a padded time axis
 
 
 @dataclasses.dataclass
@@ -72,24 +73,58 @@ def empty_train_example(max_len: int) -> dict[str, np.ndarray]:
           "targets": z, "lengths": np.int32(0)}
 
 
+def bucket_length(longest: int, buckets: tuple[int, ...], max_len: int) -> int:
+  """The smallest bucket that holds `longest` items (or `max_len`)."""
+  return min([b for b in buckets if b >= longest] + [max_len])
+
+
+def trim(batch: dict[str, np.ndarray], buckets: tuple[int, ...], max_len: int) -> dict[str, np.ndarray]:
+  """Cuts the padded time axis of a batch to its length bucket (a handful of static shapes)."""
+  if not buckets:
+    return batch
+  n = bucket_length(int(batch["lengths"].max()), buckets, max_len)
+  return {k: (v[:, :n] if k in TIME_KEYS and v.ndim == 2 else v) for k, v in batch.items()}
+
+
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                sort_chunk: int) -> np.ndarray:
+  """`[steps, batch_size]` slot indices of one epoch: a seeded permutation; with `sort_chunk > 0`,
+  every run of `sort_chunk` batches is sorted by length and the batches are shuffled again, so a
+  batch holds sequences of similar length (less padding) while every epoch stays random."""
+  rng = np.random.default_rng([seed, epoch])
+  perm = rng.permutation(len(lengths))
+  if sort_chunk > 0:
+    size = sort_chunk * batch_size
+    perm = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                           for c in np.split(perm, range(size, len(perm), size))])
+  batches = perm.reshape(-1, batch_size)
+  return batches[rng.permutation(len(batches))] if sort_chunk > 0 else batches
+
+
 def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: int,
-                  seed: int, num_epochs: int) -> tuple[grain.MapDataset, int]:
+                  seed: int, num_epochs: int, length_buckets: tuple[int, ...] = (),
+                  sort_chunk: int = 0) -> tuple[grain.MapDataset, int]:
   """Indexable dataset of training batches over `num_epochs` and the number of steps per epoch.
 
   Every epoch holds every user once in a fresh seeded order, padded with empty (zero-weight)
   examples to a whole number of batches, so batch `s` is a pure function of (seed, s): a
-  resumed run continues at the exact stream position.
+  resumed run continues at the exact stream position. With `length_buckets`, each batch's time
+  axis is cut to the smallest bucket that fits it (see `epoch_order` for `sort_chunk`).
   """
   cuts = train_cut(data, protocol)
   users = [u for u in range(data.num_users) if cuts[u] >= 2]
   steps = -(-len(users) // batch_size)
-  slots = users + [-1] * (steps * batch_size - len(users))
+  slots = np.array(users + [-1] * (steps * batch_size - len(users)))
+  lengths = np.where(slots >= 0, np.minimum(cuts[slots] - 1, max_len), 0)
 
-  def make(u: int):
-    return empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
+  def make(index: int) -> dict[str, np.ndarray]:
+    epoch, step = divmod(index, steps)
+    rows = [empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
+            for u in slots[epoch_order(lengths, batch_size, seed, epoch, sort_chunk)[step]]]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return trim(batch, tuple(length_buckets), max_len)
 
-  ds = grain.MapDataset.source(slots).shuffle(seed=seed).repeat(num_epochs).map(make)
-  return ds.batch(batch_size, drop_remainder=True), steps
+  return grain.MapDataset.range(num_epochs * steps).map(make), steps
 
 
 def eval_arrays(data: UserSequences, protocol: str, split: str, max_len: int) -> dict[str, np.ndarray]:

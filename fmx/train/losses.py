@@ -17,8 +17,10 @@ def negative_shape(sharing: str, batch: int, length: int, k: int) -> tuple[int, 
 
 
 def sampled_softmax(query: jax.Array, pos: jax.Array, neg: jax.Array, pos_ids: jax.Array,
-                    neg_ids: jax.Array, weights: jax.Array, temperature: float) -> jax.Array:
-  """Weighted mean of `-log softmax([q.p, q.n_1..q.n_K] / T)[0]` over positions.
+                    neg_ids: jax.Array, weights: jax.Array, temperature: float,
+                    normalizer: float | None = None) -> jax.Array:
+  """Weighted sum of `-log softmax([q.p, q.n_1..q.n_K] / T)[0]` over positions, divided by
+  `normalizer` (default: the sum of weights, i.e. the weighted mean).
 
   Args:
     query, pos: `[B, N, d]` (L2-normalised by the caller); pos_ids, weights: `[B, N]`.
@@ -35,4 +37,5 @@ def sampled_softmax(query: jax.Array, pos: jax.Array, neg: jax.Array, pos_ids: j
   neg_logit = jnp.where(nid == pos_ids[..., None], -1e9, neg_logit / temperature)
   logits = jnp.concatenate([pos_logit[..., None], neg_logit], axis=-1)
   loss = jax.nn.logsumexp(logits, axis=-1) - pos_logit
-  return jnp.sum(loss * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  total = jnp.sum(weights) if normalizer is None else normalizer
+  return jnp.sum(loss * weights) / jnp.maximum(total, 1.0)

@@ -57,6 +57,7 @@ class RetrievalTask:
   model: SequentialRetrieval
   tx: optax.GradientTransformation
   num_items: int
+  position_norm: float | None = None  # loss divisor; None: the batch's count of real positions
 
   def init(self, rng: jax.Array) -> TrainState:
     n = self.config.input.max_len
@@ -76,7 +77,7 @@ class RetrievalTask:
     embed = lambda ids: self.model.apply({"params": params}, ids, method="item_embeddings")
     weights = (jnp.arange(n)[None, :] < batch["lengths"][:, None]).astype(jnp.float32)
     return losses.sampled_softmax(query, embed(batch["targets"]), embed(neg_ids), batch["targets"],
-                                  neg_ids, weights, c.temperature)
+                                  neg_ids, weights, c.temperature, self.position_norm)
 
   def train_step(self, state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -98,20 +99,17 @@ class RetrievalTask:
                                 self.num_items)
 
 
-def _eval_batches(arrays: dict[str, np.ndarray], batch_size: int):
-  """Fixed-shape eval batches; the tail is padded by repeating row 0 and trimmed afterwards."""
-  total = len(arrays["targets"])
-  for start in range(0, total, batch_size):
-    idx = np.arange(start, start + batch_size)
-    keep = idx < total
-    yield {k: v[np.where(keep, idx, 0)] for k, v in arrays.items()}, int(keep.sum())
-
-
-def evaluate_ranks(rank_fn, params, arrays, batch_size: int) -> np.ndarray:
-  out = []
-  for batch, keep in _eval_batches(arrays, batch_size):
-    out.append(np.asarray(rank_fn(params, batch))[:keep])
-  return np.concatenate(out)
+def evaluate_ranks(rank_fn, params, arrays, batch_size: int, buckets=(), max_len=0) -> np.ndarray:
+  """Ranks of every row of `arrays`, in order. Rows are visited sorted by length so batches can
+  be trimmed to their length bucket; the tail batch is padded by repeating a row."""
+  order = np.argsort(arrays["lengths"], kind="stable")
+  ranks = np.empty(len(order), np.int64)
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+    batch = seqlib.trim({k: v[padded] for k, v in arrays.items()}, buckets, max_len)
+    ranks[rows] = np.asarray(rank_fn(params, batch))[: len(rows)]
+  return ranks
 
 
 def popularity_metrics(data, protocol, split_arrays, ks, batch_size) -> dict[str, float]:
@@ -132,11 +130,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ks = tuple(c.evals.ks)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
   vocab = padded_vocab(data.num_items, max(8, mesh.shape["model"]))
+  buckets = tuple(c.input.length_buckets)
   batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
-                                                  c.num_epochs)
+                                                  c.num_epochs, buckets, c.input.sort_chunk)
   total_steps = steps_per_epoch * c.num_epochs
+  position_norm = None
+  if c.input.sort_chunk:  # length-sorted batches: keep every position's weight uniform
+    cuts = seqlib.train_cut(data, protocol)
+    position_norm = c.input.batch_size * float(np.mean(np.clip(cuts - 1, 0, n)))
   task = RetrievalTask(c, SequentialRetrieval(c.model, vocab), make_optimizer(c.optimizer, total_steps),
-                       data.num_items)
+                       data.num_items, position_norm)
 
   rng = jax.random.PRNGKey(c.seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -163,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_eval(epoch: int) -> dict[str, float]:
     out = {}
     for s in splits:
-      m = metrics.ranking_metrics(evaluate_ranks(eval_ranks, state.params, eval_arrays[s], eb), ks)
+      m = metrics.ranking_metrics(evaluate_ranks(eval_ranks, state.params, eval_arrays[s], eb, buckets, n), ks)
       out.update({(k if s == "test" else f"valid/{k}"): v for k, v in m.items()})
     report.evaluation(int(state.step), epoch, time.time() - t0, out)
     return out
