@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import masks
+
 
 def valid_attn_mask(
     n: int,
@@ -20,38 +22,14 @@ def valid_attn_mask(
     max_attn_len: int = 0,
     causal: bool = True,
 ) -> jax.Array:
-  """Boolean `[B, N, N]` mask: entry `[b, i, j]` is True when query i may attend to key j.
-
-  Semantics (per sequence of length L with T targets and C contextual tokens):
-    * every position gets an id; contextual tokens share id 0 and targets share the id of the
-      first target, so targets see all history and themselves but never each other;
-    * causal: i sees j when id(i) > id(j), plus the diagonal;
-    * `max_attn_len > 0` limits how far back (in ids) a query looks;
-    * contextual rows see every non-target position (a bidirectional prefix);
-    * rows and columns at positions >= L are masked.
-  """
+  """Boolean `[B, N, N]` mask: entry `[b, i, j]` is True when query i may attend to key j
+  (the rule is documented in `kernels/masks.py`)."""
   lengths = jnp.asarray(lengths, jnp.int32)
-  ids = jnp.arange(n, dtype=jnp.int32)[None, :]  # [1, N]
-  max_ids = lengths[:, None]  # [B, 1]
-  if contextual_len > 0:
-    ids = jnp.maximum(ids - contextual_len + 1, 0)
-    max_ids = max_ids - contextual_len + 1
-  if num_targets is not None:
-    max_ids = max_ids - jnp.asarray(num_targets, jnp.int32)[:, None]
-    ids = jnp.minimum(ids, max_ids)  # [B, N]
-  ids = jnp.broadcast_to(ids, (lengths.shape[0], n))
-  row, col = ids[:, :, None], ids[:, None, :]
-  dist = row - col
-  if not causal:
-    dist = jnp.abs(dist)
-  mask = jnp.logical_or(jnp.eye(n, dtype=bool)[None], dist > 0)
-  if max_attn_len > 0:
-    mask = jnp.logical_and(mask, dist <= max_attn_len)
-  if contextual_len > 0:
-    mask = jnp.logical_or(mask, jnp.logical_and(row == 0, col < max_ids[:, :, None]))
+  targets = jnp.zeros_like(lengths) if num_targets is None else jnp.asarray(num_targets, jnp.int32)
   pos = jnp.arange(n, dtype=jnp.int32)
-  real = pos[None, :] < lengths[:, None]  # [B, N]
-  return mask & real[:, :, None] & real[:, None, :]
+  return masks.element_mask(pos[None, :, None], pos[None, None, :], lengths[:, None, None],
+                            targets[:, None, None], contextual_len=contextual_len,
+                            max_attn_len=max_attn_len, causal=causal)
 
 
 def hstu_attention_reference(
