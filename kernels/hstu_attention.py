@@ -188,3 +188,19 @@ def schedule(lengths, num_targets=None, *, n: int, block: int, num_heads: int = 
                               targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
                               causal=causal)
   return int(np.sum(needed)) * num_heads, len(lengths) * nb * nb * num_heads
+
+
+def hstu_cached_attention(q, k_cache, v_cache, cache_lengths, k_self, v_self, *, bias_cache=None,
+                          bias_self=None, max_attn_len: int = 0, alpha: float = 1.0,
+                          scale_len: int, impl: str = "auto") -> jax.Array:
+  """M-FALCON's cached step: new target rows attend to a cached history's keys and values and
+  to themselves, never to each other (see `reference.hstu_cached_attention_reference`).
+
+  The history is encoded once; candidates then come in micro-batches of any size. Only the
+  XLA implementation exists for this op (it is matmul-bound: no mask to skip).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+  return reference.hstu_cached_attention_reference(
+      q, k_cache, v_cache, cache_lengths, k_self, v_self, bias_cache=bias_cache,
+      bias_self=bias_self, max_attn_len=max_attn_len, alpha=alpha, scale_len=scale_len)

@@ -58,3 +58,42 @@ def hstu_attention_reference(
   weights = jnp.where(mask[:, None], jax.nn.silu(logits) / scale_len, 0.0)
   out = jnp.einsum("bhij,bjhd->bihd", weights.astype(v.dtype), v, preferred_element_type=acc)
   return out.astype(v.dtype)
+
+
+def hstu_cached_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    cache_lengths: jax.Array,
+    k_self: jax.Array,
+    v_self: jax.Array,
+    *,
+    bias_cache: jax.Array | None = None,
+    bias_self: jax.Array | None = None,
+    max_attn_len: int = 0,
+    alpha: float = 1.0,
+    scale_len: int,
+) -> jax.Array:
+  """Targets against a cached history: row m sees the `cache_lengths[b]` cached keys and itself.
+
+  q, k_self: `[B, M, H, dqk]`; v_self: `[B, M, H, dv]`; k_cache, v_cache: `[B, N, H, d]`;
+  bias_cache: `[B, M, N]`; bias_self: `[B, M]`. Equals the rows of the full op with
+  `num_targets` (targets share the id right after the history) for the same inputs.
+  """
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bmhd,bnhd->bhmn", q, k_cache, preferred_element_type=acc) * alpha
+  if bias_cache is not None:
+    logits = logits + bias_cache.astype(acc)[:, None]
+  n = k_cache.shape[1]
+  j = jnp.arange(n)[None, :]
+  h = jnp.asarray(cache_lengths, jnp.int32)[:, None]
+  valid = j < h
+  if max_attn_len > 0:
+    valid = valid & (h - j <= max_attn_len)
+  w = jnp.where(valid[:, None, None, :], jax.nn.silu(logits) / scale_len, 0.0)
+  out = jnp.einsum("bhmn,bnhd->bmhd", w.astype(v_cache.dtype), v_cache, preferred_element_type=acc)
+  self_logit = jnp.einsum("bmhd,bmhd->bmh", q, k_self, preferred_element_type=acc) * alpha
+  if bias_self is not None:
+    self_logit = self_logit + bias_self.astype(acc)[:, :, None]
+  out = out + (jax.nn.silu(self_logit) / scale_len)[..., None] * v_self.astype(acc)
+  return out.astype(v_self.dtype)

@@ -77,6 +77,7 @@ def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.Co
   c.evals.ks = (10, 50, 200)  # HR@K / NDCG@K cut-offs
   c.evals.every_epochs = 5  # evaluation (and the last epoch always)
   c.evals.batch_size = 256  # users per eval step
+  c.evals.show = ("hr@10", "ndcg@10", "valid/ndcg@10")  # metrics printed after each evaluation
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis (-1: all that remain)

@@ -4,6 +4,10 @@ Per layer: `U,V,Q,K = split(silu(LN(x) W))`; `A = silu(alpha QK^T + rab) / N`, m
 `y = x + W_o(dropout(LN(A V) * U))`. The relative attention bias (rab) of every layer is the
 sum of a learned position bias over `2N-1` relative positions and a learned time bias over
 `num_buckets + 1` log-buckets of `t_next(i) - t(j)`, shared across heads.
+
+Ranking mode: targets (candidates) are appended after the history with `num_targets`; they
+share the position right after the history. `encode_history` + `extend` compute the same
+target outputs from a per-layer key/value cache of the history (M-FALCON).
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels import hstu_attention
+from kernels import hstu_attention, hstu_cached_attention
 
 
 def time_buckets(timestamps: jax.Array, query_times: jax.Array, num_buckets: int) -> jax.Array:
-  """`[B, N, N]` bucket of `query_times[b, i] - timestamps[b, j]` as the official code computes it.
+  """`[B, Nq, Nk]` bucket of `query_times[b, i] - timestamps[b, j]` as the official code computes it.
 
   bucket = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets), where `query_times[b, i]` is
   the timestamp of the item that follows position i (the official code's "next item").
@@ -34,18 +38,17 @@ def relative_positions(n: int) -> jax.Array:
 
 
 class RelativeBias(nn.Module):
-  """Learned position + bucketed time bias of one layer."""
+  """Learned position + bucketed time bias of one layer: `bias[b,i,j] = pos_w[rel] + ts_w[bucket]`."""
 
   max_len: int
   num_buckets: int = 128
 
   @nn.compact
-  def __call__(self, buckets: jax.Array, n: int) -> jax.Array:
+  def __call__(self, buckets: jax.Array, rel: jax.Array) -> jax.Array:
     init = nn.initializers.normal(stddev=0.02)
     pos_w = self.param("pos_w", init, (2 * self.max_len - 1,))
     ts_w = self.param("ts_w", init, (self.num_buckets + 1,))
-    rel = relative_positions(n) + (self.max_len - n)
-    return jnp.take(pos_w, rel)[None] + jnp.take(ts_w, buckets)
+    return jnp.take(pos_w, rel) + jnp.take(ts_w, buckets)
 
 
 class HSTULayer(nn.Module):
@@ -61,23 +64,54 @@ class HSTULayer(nn.Module):
   use_rab: bool = True
   attention_impl: str = "auto"
 
-  @nn.compact
-  def __call__(self, x, lengths, buckets, *, num_targets=None, train: bool):
+  def setup(self):
+    h = self.num_heads
+    self.uvqk = nn.Dense(2 * h * (self.dv + self.dqk), use_bias=False,
+                         kernel_init=nn.initializers.normal(stddev=0.02))
+    self.out = nn.Dense(self.dim, kernel_init=nn.initializers.xavier_uniform())
+    self.drop = nn.Dropout(self.dropout)
+    if self.use_rab:
+      self.rab = RelativeBias(self.max_len, self.num_buckets)
+
+  def project(self, x):
+    """`u [B, L, H*dv]`, `q, k [B, L, H, dqk]`, `v [B, L, H, dv]`."""
     b, n, _ = x.shape
     h, dqk, dv = self.num_heads, self.dqk, self.dv
-    normed = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(x)
-    uvqk = nn.Dense(2 * h * (dv + dqk), use_bias=False,
-                    kernel_init=nn.initializers.normal(stddev=0.02), name="uvqk")(normed)
-    u, v, q, k = jnp.split(jax.nn.silu(uvqk), [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
-    bias = RelativeBias(self.max_len, self.num_buckets)(buckets, n) if self.use_rab else None
-    attn = hstu_attention(
-        q.reshape(b, n, h, dqk), k.reshape(b, n, h, dqk), v.reshape(b, n, h, dv), lengths,
-        bias=bias, num_targets=num_targets, alpha=self.alpha,
-        scale_len=self.scale_len or self.max_len, impl=self.attention_impl)
-    a = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(attn.reshape(b, n, h * dv))
-    y = nn.Dropout(self.dropout, deterministic=not train)(u * a)
-    y = nn.Dense(self.dim, kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
-    return x + y
+    uvqk = jax.nn.silu(self.uvqk(_ln(x)))
+    u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
+    return u, q.reshape(b, n, h, dqk), k.reshape(b, n, h, dqk), v.reshape(b, n, h, dv)
+
+  def bias(self, buckets, rel):
+    return self.rab(buckets, rel) if self.use_rab else None
+
+  def combine(self, x, u, attn, *, train: bool):
+    b, n = x.shape[:2]
+    a = _ln(attn.reshape(b, n, self.num_heads * self.dv))
+    return x + self.out(self.drop(u * a, deterministic=not train))
+
+  def __call__(self, x, lengths, buckets, rel, *, num_targets=None, train: bool):
+    u, q, k, v = self.project(x)
+    attn = hstu_attention(q, k, v, lengths, bias=self.bias(buckets, rel), num_targets=num_targets,
+                          alpha=self.alpha, scale_len=self.scale_len or self.max_len,
+                          impl=self.attention_impl)
+    return self.combine(x, u, attn, train=train), (k, v)
+
+  def extend(self, x_new, k_cache, v_cache, cache_lengths, buckets_cache, rel_cache, buckets_self,
+             rel_self):
+    """Target rows against this layer's cached history keys/values (inference only)."""
+    u, q, k, v = self.project(x_new)
+    attn = hstu_cached_attention(
+        q, k_cache, v_cache, cache_lengths, k, v, bias_cache=self.bias(buckets_cache, rel_cache),
+        bias_self=self.bias(buckets_self, rel_self), alpha=self.alpha,
+        scale_len=self.scale_len or self.max_len)
+    return self.combine(x_new, u, attn, train=False)
+
+
+def _ln(x):
+  """LayerNorm without learned scale or bias (as the official code), eps 1e-6."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-6)
 
 
 class HSTU(nn.Module):
@@ -96,13 +130,37 @@ class HSTU(nn.Module):
   use_rab: bool = True
   attention_impl: str = "auto"
 
-  @nn.compact
-  def __call__(self, x, lengths, timestamps, query_times, *, num_targets=None, train: bool):
+  def setup(self):
+    self.layers = [HSTULayer(self.dim, self.num_heads, self.dqk, self.dv, self.max_len,
+                             self.dropout, self.num_buckets, self.alpha, self.scale_len,
+                             self.use_rab, self.attention_impl) for _ in range(self.num_layers)]
+
+  def _rel(self, q_pos, k_pos):
+    return (self.max_len - 1 + k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.int32)
+
+  def __call__(self, x, lengths, timestamps, query_times, *, positions=None, num_targets=None,
+               train: bool, return_cache: bool = False):
+    b, n, _ = x.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     buckets = time_buckets(timestamps, query_times, self.num_buckets)
-    for i in range(self.num_layers):
-      x = HSTULayer(self.dim, self.num_heads, self.dqk, self.dv, self.max_len, self.dropout,
-                    self.num_buckets, self.alpha, self.scale_len, self.use_rab,
-                    self.attention_impl, name=f"layer_{i}")(
-                        x, lengths, buckets, num_targets=num_targets, train=train)
-    valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(valid[..., None], x, 0.0)
+    rel = self._rel(positions, positions)
+    cache = []
+    for layer in self.layers:
+      x, kv = layer(x, lengths, buckets, rel, num_targets=num_targets, train=train)
+      cache.append(kv)
+    valid = jnp.arange(n)[None, :] < lengths[:, None]
+    x = jnp.where(valid[..., None], x, 0.0)
+    return (x, cache) if return_cache else x
+
+  def extend(self, x_new, cache, cache_lengths, timestamps, new_times, new_positions, positions):
+    """Outputs of new target rows given `cache` from `__call__(..., return_cache=True)` over a
+    history of `cache_lengths` tokens (`timestamps`, `positions` of the history).
+    `new_times` are the targets' query (and key) times, `new_positions` their position."""
+    buckets_cache = time_buckets(timestamps, new_times, self.num_buckets)
+    rel_cache = self._rel(new_positions, positions)
+    buckets_self = jnp.zeros(new_times.shape, jnp.int32)  # a target against itself: dt = 0
+    rel_self = jnp.full(new_times.shape, self.max_len - 1, jnp.int32)
+    for layer, (k, v) in zip(self.layers, cache):
+      x_new = layer.extend(x_new, k, v, cache_lengths, buckets_cache, rel_cache, buckets_self, rel_self)
+    return x_new

@@ -6,31 +6,18 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
-from typing import Any
 
-import flax
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
-from absl import logging
 
 from fmx.data import sequences as seqlib
 from fmx.data import movielens, synthetic
 from fmx.models.sequential import SequentialRetrieval
-from fmx.train import checkpoint, losses, metrics, reporting, sharding
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
+from fmx.train import losses, metrics
+from fmx.train.loop import TrainState, train_loop
 
 
 def load_data(c: ml_collections.ConfigDict) -> seqlib.UserSequences:
@@ -123,95 +110,45 @@ def popularity_metrics(data, protocol, split_arrays, ks, batch_size) -> dict[str
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  t0 = time.time()
   c = config
   data = load_data(c.input)
   protocol, n = c.input.protocol, c.input.max_len
   ks = tuple(c.evals.ks)
-  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
-  vocab = padded_vocab(data.num_items, max(8, mesh.shape["model"]))
   buckets = tuple(c.input.length_buckets)
   batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
                                                   c.num_epochs, buckets, c.input.sort_chunk)
-  total_steps = steps_per_epoch * c.num_epochs
   position_norm = None
   if c.input.sort_chunk:  # length-sorted batches: keep every position's weight uniform
     cuts = seqlib.train_cut(data, protocol)
     position_norm = c.input.batch_size * float(np.mean(np.clip(cuts - 1, 0, n)))
-  task = RetrievalTask(c, SequentialRetrieval(c.model, vocab), make_optimizer(c.optimizer, total_steps),
-                       data.num_items, position_norm)
-
-  rng = jax.random.PRNGKey(c.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  abstract = jax.eval_shape(task.init, init_rng)
-  state_sh = sharding.tree_shardings(abstract, mesh, c.mesh.rules)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_step = jax.jit(task.train_step, in_shardings=(state_sh, batch_sh, repl),
-                       out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_ranks = jax.jit(task.eval_ranks, in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
-
-  ckpt = checkpoint.Checkpointer(workdir)
-  restored = ckpt.restore(checkpoint.abstract_like(abstract, state_sh))
-  if restored is None:
-    state = jax.jit(task.init, out_shardings=state_sh)(init_rng)
-    meta = {"best": None}
-  else:
-    state, meta = restored
-    print(f"fmx: resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
-  report = reporting.RunReporter(workdir)
+  vocab = padded_vocab(data.num_items, max(8, c.mesh.model))
+  task = RetrievalTask(c, SequentialRetrieval(c.model, vocab),
+                       make_optimizer(c.optimizer, steps_per_epoch * c.num_epochs), data.num_items,
+                       position_norm)
   splits = ["test"] + (["valid"] if protocol == "validation" else [])
   eval_arrays = {s: seqlib.eval_arrays(data, protocol, s, n) for s in splits}
-  eb = c.evals.batch_size
+  eval_ranks = jax.jit(task.eval_ranks)
 
-  def run_eval(epoch: int) -> dict[str, float]:
+  def evaluate(params, epoch):
     out = {}
     for s in splits:
-      m = metrics.ranking_metrics(evaluate_ranks(eval_ranks, state.params, eval_arrays[s], eb, buckets, n), ks)
-      out.update({(k if s == "test" else f"valid/{k}"): v for k, v in m.items()})
-    report.evaluation(int(state.step), epoch, time.time() - t0, out)
+      ranks = evaluate_ranks(eval_ranks, params, eval_arrays[s], c.evals.batch_size, buckets, n)
+      out.update({(k if s == "test" else f"valid/{k}"): v
+                  for k, v in metrics.ranking_metrics(ranks, ks).items()})
     return out
 
-  start = int(state.step)
-  stream = batches[start:].to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-  bar = tqdm.tqdm(total=total_steps, initial=start, desc=f"{c.input.dataset} {c.model.encoder}",
-                  unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=2.0,
-                  disable=not c.progress)
-  epoch_t = time.time()
-  latest = None
-  for step, batch in zip(range(start, total_steps), stream):
-    state, m = train_step(state, batch, train_rng)
-    bar.update(1)
-    if (step + 1) % c.log_every_steps == 0:
-      scalars = {k: float(v) for k, v in m.items()}
-      bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-      report.scalars(step + 1, {f"train/{k}": v for k, v in scalars.items()})
-    if (step + 1) % steps_per_epoch == 0:
-      epoch = (step + 1) // steps_per_epoch
-      report.scalars(step + 1, {"train/epoch_seconds": time.time() - epoch_t})
-      if epoch % c.evals.every_epochs == 0 or epoch == c.num_epochs:
-        latest = run_eval(epoch)
-        selector = "valid/ndcg@10" if protocol == "validation" else None
-        if selector and (meta["best"] is None or latest[selector] > meta["best"][selector]):
-          meta["best"] = {"epoch": epoch, **latest}
-        bar.write(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in latest.items()
-                                                 if k in ("hr@10", "ndcg@10", "valid/ndcg@10")))
-      ckpt.save(step + 1, state, meta)
-      epoch_t = time.time()
-  bar.close()
-  ckpt.close()
-  if latest is None:  # resumed after the last step: evaluate the restored state once
-    latest = run_eval(int(state.step) // steps_per_epoch)
-  final = meta["best"] if protocol == "validation" and meta["best"] else {
-      "epoch": int(state.step) // steps_per_epoch, **latest}
+  _, final, report = train_loop(
+      c, workdir, init=task.init, train_step=task.train_step, batches=batches,
+      steps_per_epoch=steps_per_epoch, evaluate=evaluate,
+      select=("valid/ndcg@10", "max") if protocol == "validation" else None,
+      desc=f"{c.input.dataset} {c.model.encoder}")
   results = {
       **final,
-      **popularity_metrics(data, protocol, eval_arrays["test"], ks, eb),
+      **popularity_metrics(data, protocol, eval_arrays["test"], ks, c.evals.batch_size),
       "selected_by": "valid/ndcg@10 (best epoch)" if protocol == "validation" else "last epoch",
       "protocol": protocol, "dataset": c.input.dataset, "model": c.model.encoder,
-      "wall_s": round(time.time() - t0, 2), "steps": int(state.step), "config": c.to_dict(),
+      "config": c.to_dict(),
   }
-  path = report.results(results)
+  report.results(results)
   report.close()
-  logging.info("Wrote %s", path)
   return results
