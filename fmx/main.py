@@ -18,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("retrieval",)
+JOBS = ("retrieval", "fm")
 
 
 def main(argv):
@@ -30,15 +30,18 @@ def main(argv):
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r}: expected one of {JOBS}")
   logging.info("Config:\n%s", config)
-  from fmx.train import retrieval  # heavy imports after flag parsing
+  import importlib  # heavy imports after flag parsing
+  job = importlib.import_module(f"fmx.train.{config.job}")
   try:
-    results = retrieval.train_and_evaluate(config, _WORKDIR.value)
+    results = job.train_and_evaluate(config, _WORKDIR.value)
   except RawDataError as e:
     print(f"fmx: {e}", file=sys.stderr)
     sys.exit(2)
-  summary = {k: v for k, v in results.items() if k.startswith(("hr@10", "ndcg@10", "mrr"))}
+  summary = {k: v for k, v in results.items()
+             if k.startswith(("hr@10", "ndcg@10", "mrr", "ne_mean")) or k.startswith("rel_ne/")}
   print("results: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(summary.items())))
-  print(f"wrote {_WORKDIR.value}/results.json (wall {results['wall_s']:.0f}s, {results['steps']} steps)")
+  print(f"wrote {_WORKDIR.value}/results.json (wall {results['wall_s']:.0f}s, "
+        f"{results['steps']} steps)")
 
 
 if __name__ == "__main__":

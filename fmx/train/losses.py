@@ -1,9 +1,10 @@
-"""Sampled softmax over uniform negatives (the official HSTU retrieval loss)."""
+"""Losses: sampled softmax over uniform negatives (retrieval) and the masked MTML BCE (ranking)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 NEGATIVE_SHARING = ("per_position", "per_sequence", "per_batch")
 
@@ -39,3 +40,18 @@ def sampled_softmax(query: jax.Array, pos: jax.Array, neg: jax.Array, pos_ids: j
   loss = jax.nn.logsumexp(logits, axis=-1) - pos_logit
   total = jnp.sum(weights) if normalizer is None else normalizer
   return jnp.sum(loss * weights) / jnp.maximum(total, 1.0)
+
+
+def mtml_bce(logits: jax.Array, labels: jax.Array, valid: jax.Array, weights: jax.Array):
+  """`L = sum_t w_t * mean_{valid samples} BCE_t` (main tasks and auxiliary tasks alike).
+
+  logits, labels, valid: `[..., num_tasks]`; weights `[num_tasks]` (0 drops a task). A sample
+  where a task is invalid contributes exactly zero loss and zero gradient to it. Returns
+  (loss, per-task mean BCE `[num_tasks]`).
+  """
+  valid = valid.astype(jnp.float32)
+  safe = jnp.where(valid > 0, logits, 0.0)  # no gradient path through invalid entries
+  bce = optax.sigmoid_binary_cross_entropy(safe, labels.astype(jnp.float32)) * valid
+  axes = tuple(range(logits.ndim - 1))
+  per_task = jnp.sum(bce, axis=axes) / jnp.maximum(jnp.sum(valid, axis=axes), 1.0)
+  return jnp.sum(weights * per_task), per_task

@@ -35,3 +35,44 @@ def ranking_metrics(ranks: np.ndarray, ks=(10, 50, 200)) -> dict[str, float]:
     out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
   out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
   return out
+
+
+def normalized_entropy(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
+  """Mean log loss divided by the entropy of the base rate (lower is better; 1 = base rate)."""
+  p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
+  y = np.asarray(labels, np.float64)
+  logloss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+  base = np.clip(y.mean(), eps, 1 - eps)
+  return float(logloss / -(base * np.log(base) + (1 - base) * np.log(1 - base)))
+
+
+def auc(probs: np.ndarray, labels: np.ndarray) -> float:
+  """ROC AUC by the rank statistic, ties counted half; nan when one class is missing."""
+  y = np.asarray(labels).astype(bool)
+  pos, neg = y.sum(), (~y).sum()
+  if pos == 0 or neg == 0:
+    return float("nan")
+  _, inverse, counts = np.unique(np.asarray(probs), return_inverse=True, return_counts=True)
+  ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # average 1-based ranks
+  return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def surface_task_metrics(probs, labels, valid, surfaces, spec, tasks=None) -> dict[str, float]:
+  """`ne/<surface>/<task>`, `auc/...`, `calibration/...` (mean prediction / observed rate) and
+  `count/...` for every (surface, task) pair with valid samples. Arrays are `[M, num_tasks]`
+  with `surfaces [M]`; `tasks` (bool `[num_tasks]`) restricts the tasks reported."""
+  out = {}
+  for s, sname in enumerate(spec.surfaces):
+    for t, tname in enumerate(spec.tasks):
+      if (tasks is not None and not tasks[t]) or not spec.valid[s, t]:
+        continue
+      m = (surfaces == s) & valid[:, t]
+      if m.sum() == 0:
+        continue
+      p, y = probs[m, t], labels[m, t]
+      key = f"{sname}/{tname}"
+      out[f"ne/{key}"] = normalized_entropy(p, y)
+      out[f"auc/{key}"] = auc(p, y)
+      out[f"calibration/{key}"] = float(p.mean() / max(y.mean(), 1e-7))
+      out[f"count/{key}"] = int(m.sum())
+  return out
