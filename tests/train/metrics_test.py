@@ -53,3 +53,15 @@ def test_sampled_softmax_ignores_zero_weight_positions():
   only_first = losses.sampled_softmax(q[:, :1], pos[:, :1], neg, args[0][:, :1], args[1],
                                       jnp.ones((1, 1)), 1.0)
   assert float(full) == pytest.approx(float(only_first))
+
+
+def test_normalized_entropy_hand_computed():
+  p, y = np.array([0.8, 0.3, 0.6, 0.1]), np.array([1, 0, 1, 0])
+  logloss = -(np.log(0.8) + np.log(0.7) + np.log(0.6) + np.log(0.9)) / 4
+  assert metrics.normalized_entropy(p, y) == pytest.approx(logloss / np.log(2))
+  assert metrics.normalized_entropy(np.full(4, 0.25), np.array([1, 0, 0, 0])) == pytest.approx(1.0)
+
+
+def test_auc_hand_computed_with_ties():
+  assert metrics.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+  assert metrics.auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
