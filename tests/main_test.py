@@ -87,3 +87,13 @@ def test_foundation_model_end_to_end(tmp_path, env, config, ml1m_cross_surface):
   assert all(k.split("/")[2] in spec_tasks for k in ne)  # never the held-out task
   if config == "synthetic_fm":  # known structure: the sequential FM beats the baseline on average
     assert np.mean([v for k, v in r.items() if k.startswith("rel_ne/")]) < 0
+
+
+def test_sharded_mesh_on_simulated_devices(tmp_path, env):
+  """Batches over `data`, the item table row-sharded over `model`, on 4 simulated CPU devices."""
+  workdir = tmp_path / "mesh"
+  flags = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  run(["--config=fmx/configs/ml100k_hstu.py:runlocal", f"--workdir={workdir}", "--config.num_epochs=1",
+       "--config.mesh.data=2", "--config.mesh.model=2", *TINY], flags)
+  r = json.loads((workdir / "results.json").read_text())
+  assert r["config"]["mesh"]["model"] == 2 and r["steps"] == 15 and 0 < r["hr@10"] <= 1
