@@ -19,7 +19,7 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.job = "fm"  # what fmx.main runs
   c.seed = 42
-  c.num_epochs = 20  # passes over the training users (each with `windows_per_user` windows)
+  c.num_epochs = 8  # passes over the training users (each with `windows_per_user` windows)
   c.log_every_steps = 20
   c.progress = True
 
@@ -56,7 +56,7 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
 
   c.baseline = ml_collections.ConfigDict()
   c.baseline.train = "nobaseline" not in words  # also train the non-sequential baseline
-  c.baseline.num_epochs = 20
+  c.baseline.num_epochs = 8
 
   c.evals = ml_collections.ConfigDict()
   c.evals.every_epochs = 2
