@@ -20,14 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import masks
+from kernels import masks, tiles
 
 F32 = jnp.float32
-
-
-def _silu_parts(s):
-  sig = jax.nn.sigmoid(s)
-  return s * sig, sig * (1.0 + s * (1.0 - sig))  # silu(s), silu'(s)
 
 
 def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, count_ref, *, block, alpha,
@@ -36,7 +31,6 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, count_ref, *, bl
   length, ntg = meta_ref[0], meta_ref[1]
   q0 = qb * block
   q = q_ref[...]
-  rows = q0 + lax.broadcasted_iota(jnp.int32, (block, block), 0)
 
   def body(kb, carry):
     acc, count = carry
@@ -45,11 +39,8 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, count_ref, *, bl
     def compute(acc):
       k = k_ref[pl.ds(k0, block), :]
       v = v_ref[pl.ds(k0, block), :]
-      s = jnp.dot(q, k.T, preferred_element_type=F32) * alpha
-      s = s + bias_ref[:, pl.ds(k0, block)].astype(F32)
-      cols = k0 + lax.broadcasted_iota(jnp.int32, (block, block), 1)
-      valid = masks.element_mask(rows, cols, length, ntg, **mask_kw)
-      w = jnp.where(valid, _silu_parts(s)[0] * inv_scale, 0.0)
+      w, _ = tiles.tile_weights(q, k, bias_ref[:, pl.ds(k0, block)], q0, k0, length, ntg, alpha,
+                                inv_scale, mask_kw)
       return acc + jnp.dot(w.astype(v.dtype), v, preferred_element_type=F32)
 
     needed = masks.block_needed(q0, k0, block, block, length, ntg, **mask_kw)
@@ -64,24 +55,11 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, count_ref, *, bl
   count_ref[...] = jnp.full(count_ref.shape, count, jnp.int32)
 
 
-def _tile_grads(q, k, v, do, bias_tile, rows, cols, length, ntg, alpha, inv_scale, mask_kw):
-  """(w, ds) of one tile: `w` the masked attention weights, `ds` the gradient wrt the logits."""
-  s = jnp.dot(q, k.T, preferred_element_type=F32) * alpha + bias_tile.astype(F32)
-  valid = masks.element_mask(rows, cols, length, ntg, **mask_kw)
-  silu, dsilu = _silu_parts(s)
-  w = jnp.where(valid, silu * inv_scale, 0.0)
-  dw = jnp.dot(do, v.T, preferred_element_type=F32)
-  ds = jnp.where(valid, dw * dsilu * inv_scale, 0.0)
-  return w, ds
-
-
 def _bwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref, dv_ref,
                 dbias_ref, *, block, num_blocks, alpha, inv_scale, mask_kw):
   j = pl.program_id(2)
   length, ntg = meta_ref[0], meta_ref[1]
   j0 = j * block
-  iota_r = lax.broadcasted_iota(jnp.int32, (block, block), 0)
-  iota_c = lax.broadcasted_iota(jnp.int32, (block, block), 1)
   args = (length, ntg, alpha, inv_scale, mask_kw)
   needed = functools.partial(masks.block_needed, block_q=block, block_k=block, length=length,
                              num_targets=ntg, **mask_kw)
@@ -97,8 +75,8 @@ def _bwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref,
       dk, dv = carry
       q = q_ref[pl.ds(q0, block), :]
       do = do_ref[pl.ds(q0, block), :]
-      w, ds = _tile_grads(q, k, v, do, bias_ref[pl.ds(q0, block), pl.ds(j0, block)],
-                          q0 + iota_r, j0 + iota_c, *args)
+      w, ds = tiles.tile_grads(q, k, v, do, bias_ref[pl.ds(q0, block), pl.ds(j0, block)], q0, j0,
+                               *args)
       dv = dv + jnp.dot(w.T.astype(do.dtype), do, preferred_element_type=F32)
       dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=F32) * alpha
       return dk, dv
@@ -124,8 +102,8 @@ def _bwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref,
     def compute(dq):
       kt = k_ref[pl.ds(k0, block), :]
       vt = v_ref[pl.ds(k0, block), :]
-      _, ds = _tile_grads(q, kt, vt, do, bias_ref[pl.ds(j0, block), pl.ds(k0, block)],
-                          j0 + iota_r, k0 + iota_c, *args)
+      _, ds = tiles.tile_grads(q, kt, vt, do, bias_ref[pl.ds(j0, block), pl.ds(k0, block)], j0,
+                               k0, *args)
       dbias_ref[:, pl.ds(k0, block)] = ds.astype(dbias_ref.dtype)
       return dq + jnp.dot(ds.astype(kt.dtype), kt, preferred_element_type=F32) * alpha
 

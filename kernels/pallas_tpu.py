@@ -20,20 +20,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import masks
+from kernels import masks, tiles
 
 F32 = jnp.float32
-
-
-def _silu_parts(s):
-  sig = jax.nn.sigmoid(s)
-  return s * sig, sig * (1.0 + s * (1.0 - sig))
-
-
-def _ids(block):
-  r = jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
-  c = jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
-  return r, c
 
 
 def _kv_last(qi, length, block, mask_kw):
@@ -62,11 +51,8 @@ def _fwd_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, count_ref, acc_r
 
   @pl.when(needed)
   def _():
-    s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                            preferred_element_type=F32) * alpha + bias_ref[...].astype(F32)
-    r, c = _ids(block)
-    valid = masks.element_mask(q0 + r, k0 + c, length, ntg, **mask_kw)
-    w = jnp.where(valid, _silu_parts(s)[0] * inv_scale, 0.0)
+    w, _ = tiles.tile_weights(q_ref[...], k_ref[...], bias_ref[...], q0, k0, length, ntg, alpha,
+                              inv_scale, mask_kw)
     acc_ref[...] += jnp.dot(w.astype(v_ref.dtype), v_ref[...], preferred_element_type=F32)
 
   count_ref[((b * num_heads + h) * nq + qi) * nk + ki] = needed.astype(jnp.int32)
@@ -126,17 +112,6 @@ def forward(q, k, v, bias, meta, *, block, alpha, inv_scale, mask_kw, interpret)
   return _to_bhnd(out), counts.reshape(b, h, nq, nk)
 
 
-def _tile_grads(q, k, v, do, bias, q0, k0, length, ntg, alpha, inv_scale, mask_kw, block):
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32) * alpha
-  s = s + bias.astype(F32)
-  r, c = _ids(block)
-  valid = masks.element_mask(q0 + r, k0 + c, length, ntg, **mask_kw)
-  silu, dsilu = _silu_parts(s)
-  w = jnp.where(valid, silu * inv_scale, 0.0)
-  dw = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-  return w, jnp.where(valid, dw * dsilu * inv_scale, 0.0)
-
-
 def _dkdv_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref, dk_acc, dv_acc,
                  *, block, nq, alpha, inv_scale, mask_kw):
   b, ki, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -151,8 +126,8 @@ def _dkdv_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref
   @pl.when(masks.block_needed(q0, k0, block, block, length, ntg, **mask_kw))
   def _():
     q, do = q_ref[...], do_ref[...]
-    w, ds = _tile_grads(q, k_ref[...], v_ref[...], do, bias_ref[...], q0, k0, length, ntg, alpha,
-                        inv_scale, mask_kw, block)
+    w, ds = tiles.tile_grads(q, k_ref[...], v_ref[...], do, bias_ref[...], q0, k0, length, ntg,
+                             alpha, inv_scale, mask_kw)
     tn = (((0,), (0,)), ((), ()))  # contract the query axis: w^T do, ds^T q
     dv_acc[...] += jax.lax.dot_general(w.astype(do.dtype), do, tn, preferred_element_type=F32)
     dk_acc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32) * alpha
@@ -178,8 +153,8 @@ def _dq_kernel(meta_ref, q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dbias_re
   @pl.when(needed)
   def _():
     k = k_ref[...]
-    _, ds = _tile_grads(q_ref[...], k, v_ref[...], do_ref[...], bias_ref[...], q0, k0, length, ntg,
-                        alpha, inv_scale, mask_kw, block)
+    _, ds = tiles.tile_grads(q_ref[...], k, v_ref[...], do_ref[...], bias_ref[...], q0, k0, length,
+                             ntg, alpha, inv_scale, mask_kw)
     dq_acc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=F32) * alpha
     dbias_ref[...] = ds
 

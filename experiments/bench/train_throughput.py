@@ -15,7 +15,6 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
 from fmx.configs import retrieval as retrieval_configs
 from fmx.data import sequences as seqlib

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fmx.models.hstu import HSTU, time_buckets
+from fmx.models.hstu import HSTU
 
 NUM_ACTIONS = 4  # 0: none (candidates, padding), 1..3 from the event's labels
 YEAR_BUCKETS = 26  # 5-year buckets from 1900; 0 is unknown

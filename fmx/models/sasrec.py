@@ -4,7 +4,6 @@ attention blocks with a point-wise ReLU feed-forward, and a final LayerNorm."""
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 
