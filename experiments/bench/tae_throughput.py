@@ -21,6 +21,7 @@ from fmx.configs import foundation as fm_configs
 from fmx.data import synthetic_surfaces
 from fmx.models.foundation import FoundationModel, MFalcon, history_inputs
 from fmx.train import fm as fm_train
+from fmx.train import loop
 
 
 def per_candidate_batches(hist, cand, h, batch):
@@ -51,7 +52,7 @@ def main():
   h = args.history
   c.model.max_len = h + 1
   data = synthetic_surfaces.generate(num_users=2, num_items=4000, seed=0, min_len=h + 1, max_len=h + 1)
-  vocab = fm_train.padded_vocab(data.num_items)
+  vocab = loop.padded_vocab(data.num_items)
   items = fm_train.item_table(data, vocab)
   model = FoundationModel(c.model, vocab, len(data.spec.surfaces), data.spec.num_tasks)
   params = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks)[0](jax.random.PRNGKey(0)).params

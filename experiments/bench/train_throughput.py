@@ -19,7 +19,7 @@ import jax
 from fmx.configs import retrieval as retrieval_configs
 from fmx.data import sequences as seqlib
 from fmx.models.sequential import SequentialRetrieval
-from fmx.train import retrieval
+from fmx.train import loop, retrieval
 
 
 def bench(data, encoder: str, variant: str, steps: int, uniform: bool, negatives: str) -> dict:
@@ -31,8 +31,9 @@ def bench(data, encoder: str, variant: str, steps: int, uniform: bool, negatives
   ds, steps_per_epoch = seqlib.train_batches(data, c.input.protocol, n, bs, c.seed, 1,
                                              tuple(c.input.length_buckets), c.input.sort_chunk)
   steps = min(steps, steps_per_epoch)
-  task = retrieval.RetrievalTask(c, SequentialRetrieval(c.model, retrieval.padded_vocab(data.num_items)),
-                                 retrieval.make_optimizer(c.optimizer, 1), data.num_items, float(bs * 100))
+  task = retrieval.RetrievalTask(c, SequentialRetrieval(c.model, loop.padded_vocab(data.num_items)),
+                                 loop.make_optimizer(c.optimizer), data.num_items,
+                                 retrieval.position_norm(data, c))
   state = task.init(jax.random.PRNGKey(0))
   batches = [ds[i] for i in range(steps)]
   step = jax.jit(task.train_step, donate_argnums=0)

@@ -52,7 +52,8 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"
   c.model.head_dim = 64  # MTML head hidden width
 
-  c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.0))
+  c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.0,
+                                               warmup_steps=0))  # AdamW
 
   c.baseline = ml_collections.ConfigDict()
   c.baseline.train = "nobaseline" not in words  # also train the non-sequential baseline

@@ -20,9 +20,8 @@ import optax
 from fmx.data import cross_surface, ranking, synthetic_surfaces
 from fmx.models.baselines import NonSequential
 from fmx.models.foundation import FoundationModel
-from fmx.train import losses, metrics
-from fmx.train.loop import TrainState, train_loop
-from fmx.train.retrieval import padded_vocab
+from fmx.train import losses, metrics, reporting
+from fmx.train.loop import TrainState, make_optimizer, padded_vocab, train_loop
 
 
 def load_data(c: ml_collections.ConfigDict) -> cross_surface.CrossSurfaceData:
@@ -51,8 +50,7 @@ def build_model(c, data, vocab):
 def make_steps(c, model, items, spec, task_mask):
   """(init, train_step, predict) as pure functions for `model`; `task_mask` selects the tasks
   the loss sees (the FM's tasks: never the held-out one)."""
-  tx = optax.adamw(c.optimizer.lr, b1=c.optimizer.b1, b2=c.optimizer.b2,
-                   weight_decay=c.optimizer.weight_decay)
+  tx = make_optimizer(c.optimizer)
   weights = jnp.asarray(spec.weights * task_mask, jnp.float32)
   n, t = c.input.max_history + c.input.num_candidates, c.input.num_candidates
 
@@ -142,6 +140,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results.update(dataset=data.name, surfaces=list(data.spec.surfaces), tasks=list(data.spec.tasks),
                  fm_tasks=[t for t, m in zip(data.spec.tasks, data.spec.fm_tasks) if m],
                  selected_by="valid/ne_mean (best epoch)", config=c.to_dict())
-  from fmx.train.reporting import RunReporter
-  RunReporter(workdir).results(results)
+  reporting.write_results(workdir, results)
   return results

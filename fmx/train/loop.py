@@ -12,6 +12,7 @@ import flax
 import grain
 import jax
 import ml_collections
+import optax
 import tqdm
 
 from fmx.train import checkpoint, reporting, sharding
@@ -22,6 +23,17 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+def padded_vocab(num_items: int, multiple: int = 8) -> int:
+  """Item table rows: padding row 0 + items, rounded up so rows shard evenly."""
+  return -(-(num_items + 1) // multiple) * multiple
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW from the `optimizer` sub-config, with an optional linear warm-up."""
+  schedule = optax.warmup_constant_schedule(0.0, c.lr, c.warmup_steps) if c.warmup_steps else c.lr
+  return optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
 
 
 def train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable, train_step: Callable,

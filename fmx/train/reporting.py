@@ -29,13 +29,15 @@ class RunReporter:
     self.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     self.tb.flush()
 
-  def results(self, results: dict) -> str:
-    path = os.path.join(self.workdir, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return path
-
   def close(self) -> None:
     self.tb.close()
+
+
+def write_results(workdir: str, results: dict) -> str:
+  """Writes `workdir/results.json` atomically (write, then rename)."""
+  path = os.path.join(workdir, "results.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+  return path

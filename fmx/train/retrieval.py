@@ -16,8 +16,8 @@ import optax
 from fmx.data import sequences as seqlib
 from fmx.data import movielens, synthetic
 from fmx.models.sequential import SequentialRetrieval
-from fmx.train import losses, metrics
-from fmx.train.loop import TrainState, train_loop
+from fmx.train import losses, metrics, reporting
+from fmx.train.loop import TrainState, make_optimizer, padded_vocab, train_loop
 
 
 def load_data(c: ml_collections.ConfigDict) -> seqlib.UserSequences:
@@ -26,14 +26,14 @@ def load_data(c: ml_collections.ConfigDict) -> seqlib.UserSequences:
   return movielens.load(c.dataset, c.data_dir, c.manual_dir, c.fetch_wheel)
 
 
-def padded_vocab(num_items: int, multiple: int = 8) -> int:
-  """Item table rows: padding row 0 + items, rounded up so rows shard evenly."""
-  return -(-(num_items + 1) // multiple) * multiple
-
-
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  schedule = optax.warmup_constant_schedule(0.0, c.lr, c.warmup_steps) if c.warmup_steps else c.lr
-  return optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+def position_norm(data: seqlib.UserSequences, c: ml_collections.ConfigDict) -> float | None:
+  """Loss divisor for length-sorted batches (`input.sort_chunk > 0`): the expected number of
+  real positions per batch, so every position weighs the same whatever its batch. None (the
+  official per-batch mean) for uniform batches."""
+  if not c.input.sort_chunk:
+    return None
+  cuts = seqlib.train_cut(data, c.input.protocol)
+  return c.input.batch_size * float(np.mean(np.clip(cuts - 1, 0, c.input.max_len)))
 
 
 @dataclasses.dataclass
@@ -117,14 +117,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   buckets = tuple(c.input.length_buckets)
   batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
                                                   c.num_epochs, buckets, c.input.sort_chunk)
-  position_norm = None
-  if c.input.sort_chunk:  # length-sorted batches: keep every position's weight uniform
-    cuts = seqlib.train_cut(data, protocol)
-    position_norm = c.input.batch_size * float(np.mean(np.clip(cuts - 1, 0, n)))
   vocab = padded_vocab(data.num_items, max(8, c.mesh.model))
   task = RetrievalTask(c, SequentialRetrieval(c.model, vocab),
-                       make_optimizer(c.optimizer, steps_per_epoch * c.num_epochs), data.num_items,
-                       position_norm)
+                       make_optimizer(c.optimizer), data.num_items, position_norm(data, c))
   splits = ["test"] + (["valid"] if protocol == "validation" else [])
   eval_arrays = {s: seqlib.eval_arrays(data, protocol, s, n) for s in splits}
   eval_ranks = jax.jit(task.eval_ranks)
@@ -149,6 +144,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "protocol": protocol, "dataset": c.input.dataset, "model": c.model.encoder,
       "config": c.to_dict(),
   }
-  report.results(results)
   report.close()
+  reporting.write_results(workdir, results)
   return results
