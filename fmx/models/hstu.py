@@ -140,9 +140,9 @@ class HSTU(nn.Module):
 
   def __call__(self, x, lengths, timestamps, query_times, *, positions=None, num_targets=None,
                train: bool, return_cache: bool = False):
-    b, n, _ = x.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    n = x.shape[1]
+    if positions is None:  # one [1, N, N] table shared by the batch
+      positions = jnp.arange(n, dtype=jnp.int32)[None]
     buckets = time_buckets(timestamps, query_times, self.num_buckets)
     rel = self._rel(positions, positions)
     cache = []
