@@ -1,0 +1,49 @@
+"""The expert: no gradient reaches the FM's embeddings, carriers change the inputs it sees."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fmx.models.expert import Expert
+
+
+def _setup(carrier):
+  c = ml_collections.ConfigDict(dict(dim=16, num_layers=1, num_heads=1, dqk=8, dv=8, dropout=0.0,
+                                     carrier=carrier))
+  rng = np.random.default_rng(0)
+  b, t, d_fm = 3, 5, 12
+  batch = {"ids": jnp.asarray(rng.integers(1, 30, (b, t)), jnp.int32),
+           "actions": jnp.asarray(rng.integers(1, 4, (b, t)), jnp.int32),
+           "timestamps": jnp.asarray(np.sort(rng.integers(0, 10**6, (b, t)), 1), jnp.int32),
+           "lengths": jnp.array([5, 2, 0], jnp.int32), "cand": jnp.array([3, 4, 5], jnp.int32),
+           "request_time": jnp.full((b,), 10**6 + 5, jnp.int32),
+           "tae": jnp.asarray(rng.normal(size=(b, d_fm)), jnp.float32),
+           "ue": jnp.asarray(rng.normal(size=(b, d_fm)), jnp.float32)}
+  items = {"genres": jnp.zeros((32, 19)), "content": jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)}
+  model = Expert(c, vocab_size=32, num_tasks=3)
+  params = model.init(jax.random.PRNGKey(0), batch, items)["params"]
+  return model, params, batch, items
+
+
+@pytest.mark.parametrize("carrier", ["tae", "tae+ue"])
+def test_no_gradient_reaches_the_fm(carrier):
+  model, params, batch, items = _setup(carrier)
+
+  def loss(tae, ue):
+    return jnp.sum(model.apply({"params": params}, {**batch, "tae": tae, "ue": ue}, items) ** 2)
+
+  g_tae, g_ue = jax.grad(loss, argnums=(0, 1))(batch["tae"], batch["ue"])
+  assert np.all(np.asarray(g_tae) == 0) and np.all(np.asarray(g_ue) == 0)
+  # ...while the FM knowledge does change the expert's output
+  moved = model.apply({"params": params}, {**batch, "tae": batch["tae"][:, ::-1]}, items)
+  assert not np.allclose(moved, model.apply({"params": params}, batch, items))
+
+
+def test_expert_alone_ignores_fm_inputs():
+  model, params, batch, items = _setup("none")
+  base = model.apply({"params": params}, batch, items)
+  other = model.apply({"params": params}, {**batch, "tae": batch["tae"] * 0, "ue": batch["ue"] * 0}, items)
+  np.testing.assert_array_equal(base, other)
+  assert base.shape == (3, 3) and np.all(np.isfinite(base))
