@@ -84,7 +84,9 @@ class FoundationModel(nn.Module):
     h = jnp.concatenate([tae, self.surface(cand_surfaces)], axis=-1)
     return self.head_out(jax.nn.silu(self.head_hidden(h)))
 
-  def __call__(self, tokens, items, *, train: bool = False):
+  def __call__(self, tokens, items, *, train: bool = False, return_user: bool = False):
+    """(tae, logits), plus the user embedding `[B, d]` (the output at the last history
+    position, which never sees a candidate) when `return_user`."""
     t = tokens
     b, n = t["ids"].shape
     num_cand = t["cand_index"].shape[1]
@@ -97,7 +99,11 @@ class FoundationModel(nn.Module):
     tae = jnp.take_along_axis(out, t["cand_index"][..., None], axis=1)  # [B, T, d]
     tae = jnp.where((jnp.arange(num_cand)[None, :] < t["num_targets"][:, None])[..., None], tae, 0.0)
     cand_surfaces = jnp.take_along_axis(t["surfaces"], t["cand_index"], axis=1)
-    return tae, self.heads(tae, cand_surfaces)
+    logits = self.heads(tae, cand_surfaces)
+    if not return_user:
+      return tae, logits
+    last = jnp.maximum(t["lengths"] - t["num_targets"] - 1, 0)
+    return tae, logits, jnp.take_along_axis(out, last[:, None, None], axis=1)[:, 0]
 
   # ---- M-FALCON inference: history once, candidates in micro-batches -------------------------
 

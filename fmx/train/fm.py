@@ -71,7 +71,7 @@ def make_steps(c, model, items, spec, task_mask):
     rng = jax.random.fold_in(rng, state.step)
     (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    scalars = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    scalars = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     scalars.update({f"bce/{name}": per_task[i] for i, name in enumerate(spec.tasks)})
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), scalars
 

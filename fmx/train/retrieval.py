@@ -72,7 +72,7 @@ class RetrievalTask:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state), {"loss": loss,
-                                                           "grad_norm": optax.global_norm(grads)}
+                                                           "grad_norm": optax.tree.norm(grads)}
 
   def scores(self, params, batch):
     """`[B, V]` cosine scores of every item against the last history position."""

@@ -1,0 +1,1 @@
+"""HyperCast: the infrastructure around the models (logging tier, snapshots, stream replay)."""
