@@ -30,11 +30,10 @@ def time_buckets(timestamps: jax.Array, query_times: jax.Array, num_buckets: int
   return jnp.clip(b, 0, num_buckets).astype(jnp.int32)
 
 
-def relative_positions(n: int) -> jax.Array:
-  """`[N, N]` index `N - 1 + j - i` into the `2N-1` position-bias table."""
-  i = jnp.arange(n)[:, None]
-  j = jnp.arange(n)[None, :]
-  return (n - 1 + j - i).astype(jnp.int32)
+def relative_positions(q_pos: jax.Array, k_pos: jax.Array, max_len: int) -> jax.Array:
+  """`[B, Nq, Nk]` index `max_len - 1 + k_pos[j] - q_pos[i]` into the `2 max_len - 1`
+  position-bias table (`q_pos`, `k_pos`: `[B, N]` positions)."""
+  return (max_len - 1 + k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.int32)
 
 
 class RelativeBias(nn.Module):
@@ -135,16 +134,13 @@ class HSTU(nn.Module):
                              self.dropout, self.num_buckets, self.alpha, self.scale_len,
                              self.use_rab, self.attention_impl) for _ in range(self.num_layers)]
 
-  def _rel(self, q_pos, k_pos):
-    return (self.max_len - 1 + k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.int32)
-
   def __call__(self, x, lengths, timestamps, query_times, *, positions=None, num_targets=None,
                train: bool, return_cache: bool = False):
     n = x.shape[1]
     if positions is None:  # one [1, N, N] table shared by the batch
       positions = jnp.arange(n, dtype=jnp.int32)[None]
     buckets = time_buckets(timestamps, query_times, self.num_buckets)
-    rel = self._rel(positions, positions)
+    rel = relative_positions(positions, positions, self.max_len)
     cache = []
     for layer in self.layers:
       x, kv = layer(x, lengths, buckets, rel, num_targets=num_targets, train=train)
@@ -158,7 +154,7 @@ class HSTU(nn.Module):
     history of `cache_lengths` tokens (`timestamps`, `positions` of the history).
     `new_times` are the targets' query (and key) times, `new_positions` their position."""
     buckets_cache = time_buckets(timestamps, new_times, self.num_buckets)
-    rel_cache = self._rel(new_positions, positions)
+    rel_cache = relative_positions(new_positions, positions, self.max_len)
     buckets_self = jnp.zeros(new_times.shape, jnp.int32)  # a target against itself: dt = 0
     rel_self = jnp.full(new_times.shape, self.max_len - 1, jnp.int32)
     for layer, (k, v) in zip(self.layers, cache):

@@ -23,7 +23,8 @@ def test_time_buckets_match_official_formula():
 
 
 def test_relative_positions_index_the_2n_minus_1_table():
-  r = np.asarray(hstu.relative_positions(4))
+  pos = jnp.arange(4)[None]
+  r = np.asarray(hstu.relative_positions(pos, pos, max_len=4))[0]
   assert r[0, 0] == 3 and r[3, 0] == 0 and r[0, 3] == 6 and r.max() == 6
 
 
