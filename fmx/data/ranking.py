@@ -9,6 +9,8 @@ its impressions. Sequences are laid out as [history, candidates, padding] with N
 
 from __future__ import annotations
 
+import functools
+
 import grain
 import numpy as np
 
@@ -68,6 +70,10 @@ def _empty(max_history, num_candidates, num_tasks):
           "label_valid": np.zeros((num_candidates, num_tasks), bool), "user": np.int32(0)}
 
 
+def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int, batch_size: int,
                   seed: int, num_epochs: int, windows_per_user: int = 1):
   """Indexable training batches over `num_epochs` and the steps per epoch; batch `s` is a pure
@@ -77,17 +83,22 @@ def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int,
   steps = -(-len(users) // batch_size)
   slots = np.concatenate([users, -np.ones(steps * batch_size - len(users), np.int64)])
 
-  def make(index: int):
-    epoch, step = divmod(index, steps)
+  @functools.lru_cache(maxsize=2)
+  def epoch_plan(epoch: int):
+    """(slot order, one training cut per slot) of an epoch, computed once per epoch."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(slots))
-    cuts = rng.integers(1, np.maximum(ends[np.maximum(slots, 0)], 2))  # one cut per slot
+    return order, rng.integers(1, np.maximum(ends[np.maximum(slots, 0)], 2))
+
+  def make(index: int):
+    epoch, step = divmod(index, steps)
+    order, cuts = epoch_plan(epoch)
     rows = []
     for i in order[step * batch_size:(step + 1) * batch_size]:
       u = slots[i]
       rows.append(_empty(max_history, num_candidates, data.spec.num_tasks) if u < 0 else
                   example(data, int(u), int(cuts[i]), int(ends[u]), max_history, num_candidates))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return _stack(rows)
 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 
@@ -103,5 +114,4 @@ def eval_batches(data: CrossSurfaceData, split: str, max_history: int, num_candi
   while len(rows) % batch_size:
     rows.append(_empty(max_history, num_candidates, data.spec.num_tasks))
   for i in range(0, len(rows), batch_size):
-    chunk = rows[i:i + batch_size]
-    yield {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+    yield _stack(rows[i:i + batch_size])

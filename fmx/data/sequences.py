@@ -11,6 +11,7 @@ Held-out items never enter a training input or target.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import grain
 import numpy as np
@@ -117,10 +118,14 @@ def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: 
   slots = np.array(users + [-1] * (steps * batch_size - len(users)))
   lengths = np.where(slots >= 0, np.minimum(cuts[slots] - 1, max_len), 0)
 
+  @functools.lru_cache(maxsize=2)
+  def order(epoch: int) -> np.ndarray:  # computed once per epoch, not once per batch
+    return epoch_order(lengths, batch_size, seed, epoch, sort_chunk)
+
   def make(index: int) -> dict[str, np.ndarray]:
     epoch, step = divmod(index, steps)
     rows = [empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
-            for u in slots[epoch_order(lengths, batch_size, seed, epoch, sort_chunk)[step]]]
+            for u in slots[order(epoch)[step]]]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     return trim(batch, tuple(length_buckets), max_len)
 
