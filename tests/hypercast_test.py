@@ -16,8 +16,7 @@ def test_materialised_taes_match_serving(tmp_path):
   c.input.max_history, c.input.num_candidates = 20, 4
   c.model.max_len = 24
   fm_workdir = str(tmp_path / "fm")
-  fm_train.train_one(c, fm_workdir, data, fm_train.item_table(data, fm_train.padded_vocab(data.num_items)),
-                     fm_train.padded_vocab(data.num_items), data.spec.fm_tasks.astype(np.float32))
+  fm_train.train_one(c, fm_workdir, data, data.spec.fm_tasks.astype(np.float32))
   rows = logging_tier.materialise(c, fm_workdir, str(tmp_path / "store"), "fm-v1", data,
                                   splits=("valid", "test"))
   assert rows == 40 * 4 * 2

@@ -21,7 +21,7 @@ import numpy as np
 from fmx.configs import foundation as fm_configs
 from fmx.data import synthetic_surfaces
 from fmx.models.expert import Expert
-from fmx.models.foundation import FoundationModel
+
 from fmx.train import fm as fm_train
 from fmx.train import loop
 
@@ -50,8 +50,7 @@ def main():
   c.model.max_len = h + m
   data = synthetic_surfaces.generate(num_users=2, num_items=3706, seed=0, min_len=h + m, max_len=h + m)
   vocab = loop.padded_vocab(data.num_items)
-  items = fm_train.item_table(data, vocab)
-  fm = FoundationModel(c.model, vocab, len(data.spec.surfaces), data.spec.num_tasks)
+  fm, items = fm_train.setup(c, data)
   init, _, _ = fm_train.make_steps(c, fm, items, data.spec, data.spec.fm_tasks)
   fm_params = init(jax.random.PRNGKey(0)).params
   n = h + m

@@ -15,16 +15,13 @@ import numpy as np
 
 from fmx.data import ranking, tae_store
 from fmx.train import checkpoint, fm as fm_train
-from fmx.train.loop import padded_vocab
 
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
 def restore_fm(c: ml_collections.ConfigDict, fm_workdir: str, data):
   """(model, items, params, step) of the latest checkpoint in `fm_workdir`."""
-  vocab = padded_vocab(data.num_items)
-  items = fm_train.item_table(data, vocab)
-  model = fm_train.build_model(c, data, vocab)
+  model, items = fm_train.setup(c, data)
   init = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks)[0]
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   ckpt = checkpoint.Checkpointer(fm_workdir)

@@ -47,6 +47,12 @@ def build_model(c, data, vocab):
   raise ValueError(f"model.kind={c.model.kind!r}: expected 'fm' or 'nonseq'")
 
 
+def setup(c, data) -> tuple:
+  """(model, items): the `c.model.kind` model and the padded item table it reads."""
+  vocab = padded_vocab(data.num_items)
+  return build_model(c, data, vocab), item_table(data, vocab)
+
+
 def make_steps(c, model, items, spec, task_mask):
   """(init, train_step, predict) as pure functions for `model`; `task_mask` selects the tasks
   the loss sees (the FM's tasks: never the held-out one)."""
@@ -93,9 +99,9 @@ def collect(predict, params, batches) -> dict[str, np.ndarray]:
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def train_one(c, workdir, data, items, vocab, task_mask):
+def train_one(c, workdir, data, task_mask):
   """Trains `c.model.kind` and returns (final metrics with the best-validation epoch, params)."""
-  model = build_model(c, data, vocab)
+  model, items = setup(c, data)
   init, train_step, predict = make_steps(c, model, items, data.spec, task_mask)
   H, T = c.input.max_history, c.input.num_candidates
   batches, steps = ranking.train_batches(data, H, T, c.input.batch_size, c.seed, c.num_epochs,
@@ -122,15 +128,13 @@ def train_one(c, workdir, data, items, vocab, task_mask):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c = config
   data = load_data(c.input)
-  vocab = padded_vocab(data.num_items)
-  items = item_table(data, vocab)
   fm_tasks = data.spec.fm_tasks.astype(np.float32)
-  final, _ = train_one(c, workdir, data, items, vocab, fm_tasks)
+  final, _ = train_one(c, workdir, data, fm_tasks)
   results = {k: v for k, v in final.items() if not k.startswith("valid/")}
   if c.baseline.train:
     b = ml_collections.ConfigDict(c.to_dict())
     b.model.kind, b.num_epochs = "nonseq", c.baseline.num_epochs
-    base, _ = train_one(b, os.path.join(workdir, "baseline"), data, items, vocab, fm_tasks)
+    base, _ = train_one(b, os.path.join(workdir, "baseline"), data, fm_tasks)
     for k, v in base.items():
       if k.startswith(("ne/", "auc/", "calibration/")):
         results[f"baseline/{k}"] = v

@@ -8,9 +8,8 @@ import pytest
 
 from fmx.configs import foundation as fm_configs
 from fmx.data import ranking, synthetic_surfaces
-from fmx.models.foundation import FoundationModel, MFalcon, history_inputs
+from fmx.models.foundation import MFalcon, history_inputs
 from fmx.train import fm as fm_train
-from fmx.train import loop
 from fmx.train import losses
 
 
@@ -20,9 +19,7 @@ def setup():
   c = fm_configs.get_config("synthetic", "runlocal")
   c.input.max_history, c.input.num_candidates = 20, 6
   c.model.max_len = 26
-  vocab = loop.padded_vocab(data.num_items)
-  items = fm_train.item_table(data, vocab)
-  model = FoundationModel(c.model, vocab, len(data.spec.surfaces), data.spec.num_tasks)
+  model, items = fm_train.setup(c, data)
   init, _, _ = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks.astype(np.float32))
   state = init(jax.random.PRNGKey(0))
   batch = next(ranking.eval_batches(data, "test", 20, 6, batch_size=4))
