@@ -49,7 +49,7 @@ def build_model(c, data, vocab):
 
 def setup(c, data) -> tuple:
   """(model, items): the `c.model.kind` model and the padded item table it reads."""
-  vocab = padded_vocab(data.num_items)
+  vocab = padded_vocab(data.num_items, c.mesh.model)
   return build_model(c, data, vocab), item_table(data, vocab)
 
 

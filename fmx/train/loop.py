@@ -4,6 +4,7 @@ with ETA on stderr, metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Callable
@@ -25,8 +26,10 @@ class TrainState:
   opt_state: Any
 
 
-def padded_vocab(num_items: int, multiple: int = 8) -> int:
-  """Item table rows: padding row 0 + items, rounded up so rows shard evenly."""
+def padded_vocab(num_items: int, shards: int = 1) -> int:
+  """Item table rows: padding row 0 + items, rounded up to a multiple of 8 that `shards`
+  (the mesh's `model` axis, over which the rows are split) divides evenly."""
+  multiple = math.lcm(8, shards)
   return -(-(num_items + 1) // multiple) * multiple
 
 

@@ -117,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   buckets = tuple(c.input.length_buckets)
   batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
                                                   c.num_epochs, buckets, c.input.sort_chunk)
-  vocab = padded_vocab(data.num_items, max(8, c.mesh.model))
+  vocab = padded_vocab(data.num_items, c.mesh.model)
   task = RetrievalTask(c, SequentialRetrieval(c.model, vocab),
                        make_optimizer(c.optimizer), data.num_items, position_norm(data, c))
   splits = ["test"] + (["valid"] if protocol == "validation" else [])
