@@ -88,6 +88,13 @@ def pad_inputs(q, k, v, bias, block: int, style: str):
   return pad4(q), pad4(k), pad4(v), bias
 
 
+def kernel_meta(lengths, num_targets=None) -> jax.Array:
+  """`[B, 2]` int32 (length, num_targets) per sequence, as both kernel styles read it."""
+  lengths = jnp.asarray(lengths, jnp.int32)
+  targets = jnp.zeros_like(lengths) if num_targets is None else jnp.asarray(num_targets, jnp.int32)
+  return jnp.stack([lengths, targets], axis=1)
+
+
 def resolve_style(impl: str) -> tuple[str, bool] | None:
   """(style, interpret) for a Pallas impl on this backend, or None for XLA."""
   backend = jax.default_backend()
@@ -150,8 +157,7 @@ def hstu_attention(
   block = block or default_block(style, n)
   if bias is None:
     bias = jnp.zeros((b, n, n), q.dtype)
-  targets = jnp.zeros((b,), jnp.int32) if num_targets is None else num_targets
-  meta = jnp.stack([jnp.asarray(lengths, jnp.int32), jnp.asarray(targets, jnp.int32)], axis=1)
+  meta = kernel_meta(lengths, num_targets)
   spec = KernelSpec(style, block, float(alpha), 1.0 / float(scale_len), int(contextual_len),
                     int(max_attn_len), bool(causal), interpret)
   qp, kp, vp, bp = pad_inputs(q, k, v, bias, block, style)
@@ -166,12 +172,10 @@ def computed_blocks(lengths, num_targets=None, *, n: int, impl: str = "pallas_gp
   style, interpret = resolve_style(impl)
   block = block or default_block(style, n)
   b = len(lengths)
-  lengths = jnp.asarray(lengths, jnp.int32)
-  targets = jnp.zeros((b,), jnp.int32) if num_targets is None else jnp.asarray(num_targets, jnp.int32)
   x = jnp.zeros((b, n, num_heads, 8), jnp.float32)
   qp, kp, vp, bp = pad_inputs(x, x, x, jnp.zeros((b, n, n)), block, style)
   spec = KernelSpec(style, block, 1.0, 1.0 / n, contextual_len, max_attn_len, causal, interpret)
-  _, counts = _module(style).forward(qp, kp, vp, bp, jnp.stack([lengths, targets], 1),
+  _, counts = _module(style).forward(qp, kp, vp, bp, kernel_meta(lengths, num_targets),
                                      **spec.kernel_kw())
   return int(np.asarray(counts).sum())
 
