@@ -18,7 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("retrieval", "fm")
+JOBS = ("retrieval", "fm", "expert")
 
 
 def main(argv):

@@ -55,7 +55,7 @@ def example(data: CrossSurfaceData, user: int, cut: int, end: int, max_history: 
   out.update(lengths=np.int32(h + t), num_targets=np.int32(t),
              cand_index=np.minimum(h + np.arange(T), n - 1).astype(np.int32),
              request_time=np.int64(request), labels=labels, label_valid=valid,
-             user=np.int32(user))
+             user=np.int32(user), history_end=np.int32(cut))
   return out
 
 
@@ -67,7 +67,8 @@ def _empty(max_history, num_candidates, num_tasks):
           "lengths": np.int32(0), "num_targets": np.int32(0),
           "cand_index": np.zeros(num_candidates, np.int32), "request_time": np.int64(0),
           "labels": np.zeros((num_candidates, num_tasks), np.int8),
-          "label_valid": np.zeros((num_candidates, num_tasks), bool), "user": np.int32(0)}
+          "label_valid": np.zeros((num_candidates, num_tasks), bool), "user": np.int32(0),
+          "history_end": np.int32(0)}
 
 
 def _stack(rows: list[dict]) -> dict[str, np.ndarray]:

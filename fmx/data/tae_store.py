@@ -21,6 +21,7 @@ import pathlib
 import numpy as np
 
 MANIFEST = "manifest.json"
+SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}  # the `split` column of logging-tier rows
 
 
 class StoreError(ValueError):

@@ -2,7 +2,8 @@
 (`fmx.data.tae_store`) that expert trainers read.
 
 One row per candidate impression, tagged with the FM version (via its shard), holding: user,
-split (0 train, 1 valid, 2 test), request_time, cand (item id), surface, tae `[d]`, ue `[d]`
+split (0 train, 1 valid, 2 test), request_time, history_end (the index in the user's events
+where the history stops), cand (item id), surface, tae `[d]`, ue `[d]`
 (the user embedding of the same history), fm_probs `[num_tasks]`, labels and label_valid.
 Every row's history is made only of events before its impression (`fmx.data.ranking`).
 """
@@ -15,8 +16,6 @@ import numpy as np
 
 from fmx.data import ranking, tae_store
 from fmx.train import checkpoint, fm as fm_train
-
-SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
 def restore_fm(c: ml_collections.ConfigDict, fm_workdir: str, data):
@@ -48,7 +47,7 @@ def materialise(c: ml_collections.ConfigDict, fm_workdir: str, store_root: str, 
       batches = (ds[i] for i in range(steps))
     else:
       batches = ranking.eval_batches(data, split, H, T, bs)
-    rows = {k: [] for k in ("user", "split", "request_time", "cand", "surface", "tae", "ue",
+    rows = {k: [] for k in ("user", "split", "request_time", "history_end", "cand", "surface", "tae", "ue",
                             "fm_probs", "labels", "label_valid")}
     for b in batches:
       tae, logits, ue = (np.asarray(x) for x in forward(params, b))
@@ -57,8 +56,9 @@ def materialise(c: ml_collections.ConfigDict, fm_workdir: str, store_root: str, 
       cand = np.take_along_axis(b["ids"], b["cand_index"], axis=1)
       surf = np.take_along_axis(b["surfaces"], b["cand_index"], axis=1)
       rows["user"].append(b["user"][bi])
-      rows["split"].append(np.full(len(bi), SPLIT_IDS[split], np.int8))
+      rows["split"].append(np.full(len(bi), tae_store.SPLIT_IDS[split], np.int8))
       rows["request_time"].append(b["request_time"][bi])
+      rows["history_end"].append(b["history_end"][bi])
       rows["cand"].append(cand[real])
       rows["surface"].append(surf[real])
       rows["tae"].append(tae[real])

@@ -41,3 +41,8 @@ def write_results(workdir: str, results: dict) -> str:
     json.dump(results, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
   return path
+
+
+def read_results(workdir: str) -> dict:
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)

@@ -1,0 +1,283 @@
+"""The knowledge-transfer study of arXiv 2508.02929 on our data, in one resumable command.
+
+  python experiments/transfer.py --workdir=/tmp/fmx_transfer [--datasets=ml-1m,synthetic]
+      [--seeds=3] [--out=experiments/results]
+
+Per dataset (the cross-surface MovieLens-1M view; seeded synthetic surfaces):
+  1. two FMs of one run: `early` (after `--early-epochs`) and `late` (the same run continued to
+     `--late-epochs`), each a finished `job="fm"` workdir;
+  2. the logging tier materialises both FMs' TAEs (valid and test windows) into one store,
+     tagged `early` / `late`;
+  3. surface experts (`job="expert"`, every surface) for every seed: on the late FM with each
+     knowledge carrier (none, ue, kd, tae, tae+ue), and with TAE on the early FM;
+  4. tables: knowledge carriers (NE relative to the expert alone, AUC), transfer ratios
+     TR = (NE(Expert_early) - NE(Expert_late)) / (NE(FM_early) - NE(FM_late)) with the FM gap,
+     and the unseen tasks; mean ± std over seeds, with `†` marking differences a Welch t-test
+     does not find significant (p >= 0.05). The FM is trained once per dataset; seeds vary the
+     experts' initialisation, dropout and order.
+
+Writes `<out>/transfer.md`, `<out>/transfer.csv` (one row per run, surface and task) and
+`<out>/transfer.png`. Every stage resumes: finished runs (results.json) are skipped, unfinished
+ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+
+import numpy as np
+
+from fmx.configs import expert as expert_configs, foundation as fm_configs
+from fmx.data import tae_store
+from fmx.train import expert as expert_train, fm as fm_train, reporting
+
+CARRIERS = ("none", "ue", "kd", "tae", "tae+ue")
+LABELS = {"none": "expert alone", "ue": "+UE", "kd": "+KD", "tae": "+TAE", "tae+ue": "+TAE+UE"}
+
+
+def _done(workdir: str) -> bool:
+  return os.path.isfile(os.path.join(workdir, "results.json"))
+
+
+def train_fms(dataset: str, root: str, args) -> dict[str, str]:
+  """The early and late FM workdirs, trained (or resumed) as needed."""
+  dirs = {"early": os.path.join(root, "fm", "early"), "late": os.path.join(root, "fm", "late")}
+  for name, epochs in (("early", args.early_epochs), ("late", args.late_epochs)):
+    c = fm_configs.get_config(dataset, args.fm_variant + ",nobaseline")
+    c.num_epochs, c.progress = epochs, args.progress
+    if _done(dirs[name]):
+      continue
+    if name == "late" and not os.path.isdir(os.path.join(dirs["late"], "checkpoints")):
+      # the late FM continues the early one's run (same seed, same stream)
+      shutil.copytree(os.path.join(dirs["early"], "checkpoints"),
+                      os.path.join(dirs["late"], "checkpoints"))
+    print(f"[{dataset}] FM {name}: {epochs} epoch(s) in {dirs[name]}", flush=True)
+    fm_train.train_and_evaluate(c, dirs[name])
+  return dirs
+
+
+def expert_config(dataset: str, carrier: str, fm_dir: str, version: str, seed: int, root: str, args):
+  c = expert_configs.get_config(dataset, carrier + (",runlocal" if args.quick else ""), fm_dir)
+  c.seed, c.progress = seed, args.progress
+  c.tae.store, c.tae.fm_version = os.path.join(root, "taes"), version
+  if args.surfaces:
+    c.surfaces = tuple(args.surfaces.split(","))
+  if args.fm_variant == "runlocal":
+    c.input.synthetic.num_users = fm_configs.get_config(dataset, "runlocal").input.synthetic.num_users
+  return c
+
+
+def run_experts(dataset: str, root: str, fms: dict[str, str], args) -> list[dict]:
+  """Trains (or reads) every expert run; returns one record per run with its results."""
+  plan = [("late", c) for c in CARRIERS] + [("early", "tae")]
+  runs = []
+  for seed in range(args.seeds):
+    for version, carrier in plan:
+      workdir = os.path.join(root, "experts", version, carrier, f"seed{seed}")
+      if not _done(workdir):
+        print(f"[{dataset}] expert {carrier} on FM {version}, seed {seed}", flush=True)
+        expert_train.train_and_evaluate(
+            expert_config(dataset, carrier, fms[version], version, seed, root, args), workdir)
+      runs.append({"version": version, "carrier": carrier, "seed": seed,
+                   "results": reporting.read_results(workdir)})
+  return runs
+
+
+def long_rows(dataset: str, runs: list[dict]) -> list[dict]:
+  """One CSV row per (run, surface, task): the expert's NE and AUC and the FM's on that task."""
+  rows = []
+  for r in runs:
+    res = r["results"]
+    for key, ne in res.items():
+      if not key.startswith("ne/"):
+        continue
+      st = key[3:]
+      surface, task = st.split("/")
+      rows.append({"dataset": dataset, "fm": r["version"], "carrier": r["carrier"],
+                   "seed": r["seed"], "surface": surface, "task": task,
+                   "fm_task": task in res["fm_tasks"], "ne": ne, "auc": res[f"auc/{st}"],
+                   "fm_ne": res.get(f"fm/ne/{st}", np.nan), "fm_auc": res.get(f"fm/auc/{st}", np.nan),
+                   "epoch": res[f"epoch/{surface}"]})
+  return rows
+
+
+def _values(rows, **where) -> np.ndarray:
+  return np.array([r for r in rows if all(r[k] == v for k, v in where.items())], dtype=object)
+
+
+def _stat(rows, metric, **where) -> np.ndarray:
+  """Per-seed values of `metric`, ordered by seed."""
+  sel = sorted(_values(rows, **where), key=lambda r: r["seed"])
+  return np.array([r[metric] for r in sel], np.float64)
+
+
+def _p(a: np.ndarray, b: np.ndarray) -> float:
+  from scipy import stats
+  if len(a) < 2 or len(b) < 2:
+    return float("nan")
+  return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _ms(x: np.ndarray, fmt: str = ".4f") -> str:
+  std = x.std(ddof=1) if len(x) > 1 else 0.0
+  return f"{x.mean():{fmt}} ± {std:{fmt.lstrip('+')}}"
+
+
+def _mark(p: float) -> str:
+  return "" if p < 0.05 else " †"
+
+
+def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
+  """The markdown section of one dataset and a summary of the bar checks."""
+  keys = sorted({(r["surface"], r["task"], r["fm_task"]) for r in rows})
+  out = [f"## {dataset}", "", "### Knowledge carriers (late FM)", "",
+         "NE of the expert alone; for each carrier, NE relative to the expert alone in % "
+         "(negative is better) and AUC. FM: the foundation model itself, one-stage, on the "
+         "same test rows (tasks it knows).", ""]
+  head = "| surface/task | alone NE | alone AUC | " + " | ".join(
+      f"{LABELS[c]} ΔNE% | {LABELS[c]} AUC" for c in CARRIERS[1:]) + " | FM ΔNE% | FM AUC |"
+  out += [head, "|" + "---|" * (head.count("|") - 1)]
+  wins, main = [], []
+  for surface, task, fm_task in keys:
+    base = _stat(rows, "ne", fm="late", carrier="none", surface=surface, task=task)
+    cells = [f"{surface}/{task}" + ("" if fm_task else " (unseen)"), _ms(base),
+             _ms(_stat(rows, "auc", fm="late", carrier="none", surface=surface, task=task), ".3f")]
+    means = {}
+    for c in CARRIERS[1:]:
+      ne = _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task)
+      means[c] = ne.mean()
+      rel = 100.0 * (ne / base.mean() - 1.0)
+      cells += [_ms(rel, "+.2f") + _mark(_p(ne, base)),
+                _ms(_stat(rows, "auc", fm="late", carrier=c, surface=surface, task=task), ".3f")]
+    fm_ne = _stat(rows, "fm_ne", fm="late", carrier="none", surface=surface, task=task)
+    fm_auc = _stat(rows, "fm_auc", fm="late", carrier="none", surface=surface, task=task)
+    cells += ([f"{100.0 * (fm_ne[0] / base.mean() - 1.0):+.2f}", f"{fm_auc[0]:.3f}"] if fm_task
+              else ["n/a", "n/a"])
+    out.append("| " + " | ".join(cells) + " |")
+    if fm_task and _is_main(task):
+      main.append(f"{surface}/{task}")
+      if means["tae"] < min(means["ue"], means["kd"]):
+        wins.append(f"{surface}/{task}")
+
+  out += ["", "### Transfer ratios (TAE carrier, early → late FM)", "",
+          "TR = (NE(Expert_early) − NE(Expert_late)) / (NE(FM_early) − NE(FM_late)). The FM gap "
+          "is stated: a TR over a small FM gap means little. † marks an expert gap that a Welch "
+          "t-test over seeds does not find significant.", "",
+          "| surface/task | FM early NE | FM late NE | FM gap | Expert early NE | Expert late NE | expert gap | TR |",
+          "|---|---|---|---|---|---|---|---|"]
+  trs = {}
+  for surface, task, fm_task in keys:
+    if not fm_task:
+      continue
+    f_e = _stat(rows, "fm_ne", fm="early", carrier="tae", surface=surface, task=task)[0]
+    f_l = _stat(rows, "fm_ne", fm="late", carrier="tae", surface=surface, task=task)[0]
+    e_e = _stat(rows, "ne", fm="early", carrier="tae", surface=surface, task=task)
+    e_l = _stat(rows, "ne", fm="late", carrier="tae", surface=surface, task=task)
+    tr = (e_e - e_l) / (f_e - f_l)  # per seed: the FMs are fixed
+    trs[f"{surface}/{task}"] = float(tr.mean())
+    out.append(f"| {surface}/{task} | {f_e:.4f} | {f_l:.4f} | {f_e - f_l:+.4f} | {_ms(e_e)} | "
+               f"{_ms(e_l)} | {e_e.mean() - e_l.mean():+.4f}{_mark(_p(e_e, e_l))} | {_ms(tr, '.2f')} |")
+
+  out += ["", "### Unseen tasks (never supervised in the FM)", "",
+          "NE change of each carrier against the expert alone on the tasks the FM never saw.", "",
+          "| surface/task | alone NE | " + " | ".join(f"{LABELS[c]} NE | ΔNE%" for c in CARRIERS[1:]) + " |",
+          "|---|---|" + "---|---|" * (len(CARRIERS) - 1)]
+  for surface, task, fm_task in keys:
+    if fm_task:
+      continue
+    base = _stat(rows, "ne", fm="late", carrier="none", surface=surface, task=task)
+    cells = [f"{surface}/{task}", _ms(base)]
+    for c in CARRIERS[1:]:
+      ne = _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task)
+      cells += [_ms(ne), _ms(100.0 * (ne / base.mean() - 1.0), "+.2f") + _mark(_p(ne, base))]
+    out.append("| " + " | ".join(cells) + " |")
+  summary = {"tae_beats_ue_and_kd": wins, "main_tasks": main, "tr": trs}
+  out += ["", f"TAE has a lower mean NE than both UE and KD on {len(wins)} of {len(main)} main "
+          f"surface/tasks" + (f"; not on: {', '.join(sorted(set(main) - set(wins)))}."
+                              if len(wins) < len(main) else "."), ""]
+  return "\n".join(out), summary
+
+
+def _is_main(task: str) -> bool:
+  """Main tasks (every surface's): like/love on ML-1M, click/like on synthetic data."""
+  return task in ("like", "love", "click")
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  datasets = sorted({r["dataset"] for r in rows})
+  fig, axes = plt.subplots(len(datasets), 1, figsize=(14, 4.5 * len(datasets)), squeeze=False)
+  for ax, dataset in zip(axes[:, 0], datasets):
+    sub = [r for r in rows if r["dataset"] == dataset and r["fm"] == "late"]
+    keys = sorted({(r["surface"], r["task"]) for r in sub})
+    width = 0.8 / len(CARRIERS)
+    for i, c in enumerate(CARRIERS):
+      ne = [_stat(sub, "ne", carrier=c, surface=s, task=t) for s, t in keys]
+      ax.bar(np.arange(len(keys)) + i * width, [x.mean() for x in ne], width,
+             yerr=[x.std(ddof=1) if len(x) > 1 else 0 for x in ne], label=LABELS[c], capsize=2)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{s}/{t}" for s, t in keys], rotation=30, ha="right")
+    lo = min(r["ne"] for r in sub)
+    ax.set_ylim(lo - 0.02, max(r["ne"] for r in sub) + 0.01)
+    ax.set_ylabel("test NE (lower is better)")
+    ax.set_title(f"{dataset}: expert NE by knowledge carrier (late FM), mean ± std over seeds")
+    ax.legend(ncol=len(CARRIERS), fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="where FMs, TAE stores and experts live")
+  p.add_argument("--datasets", default="ml-1m,synthetic")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--out", default="experiments/results")
+  p.add_argument("--fm-variant", default="base", help="FM config variant (base, large, runlocal)")
+  p.add_argument("--early-epochs", type=int, default=1)
+  p.add_argument("--late-epochs", type=int, default=4)
+  p.add_argument("--surfaces", default="", help="comma-separated surfaces (default: all)")
+  p.add_argument("--quick", action="store_true", help="runlocal experts (a smoke test)")
+  p.add_argument("--progress", action="store_true", help="show progress bars")
+  args = p.parse_args()
+  if args.seeds < 2:
+    p.error("--seeds must be at least 2 to give a std and a significance test")
+  rows, sections = [], []
+  for dataset in args.datasets.split(","):
+    root = os.path.join(args.workdir, dataset)
+    fms = train_fms(dataset, root, args)
+    for version in ("early", "late"):  # the logging tier, once per FM version
+      if version not in tae_store.versions(os.path.join(root, "taes")):
+        c = expert_config(dataset, "tae", fms[version], version, 0, root, args)
+        expert_train.ensure_taes(c, fm_train.load_data(c.input))
+    rows += long_rows(dataset, run_experts(dataset, root, fms, args))
+    section, summary = tables(dataset, [r for r in rows if r["dataset"] == dataset])
+    sections.append(section)
+    print(f"[{dataset}] TAE beats UE and KD on {len(summary['tae_beats_ue_and_kd'])}/"
+          f"{len(summary['main_tasks'])} main surface/tasks", flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "transfer.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+           for k, v in vars(args).items() if k not in ("workdir", "out", "progress") and v not in (False, "")]
+  cmd = " ".join(["python experiments/transfer.py --workdir=..."] + flags)
+  header = ["# Knowledge transfer: surface experts on frozen FM knowledge", "",
+            f"Produced by `{cmd}`.", "Seeds: " + str(args.seeds) + "; test split; the epoch of "
+            "every expert is picked on held-out users of its training windows. See "
+            "`experiments/transfer.py` for the protocol.", "",
+            "![NE by carrier and task](transfer.png)", ""]
+  with open(os.path.join(args.out, "transfer.md"), "w") as f:
+    f.write("\n".join(header + sections))
+  plot(rows, os.path.join(args.out, "transfer.png"))
+  print(f"wrote {args.out}/transfer.md, transfer.csv, transfer.png", flush=True)
+
+
+if __name__ == "__main__":
+  main()
