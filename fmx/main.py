@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fmx.data.raw import RawDataError
+from fmx.data.tae_store import StoreError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                           lock_config=True)
@@ -34,7 +35,7 @@ def main(argv):
   job = importlib.import_module(f"fmx.train.{config.job}")
   try:
     results = job.train_and_evaluate(config, _WORKDIR.value)
-  except RawDataError as e:
+  except (RawDataError, StoreError) as e:
     print(f"fmx: {e}", file=sys.stderr)
     sys.exit(2)
   summary = {k: v for k, v in results.items()

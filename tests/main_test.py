@@ -88,6 +88,28 @@ def test_foundation_model_end_to_end(tmp_path, env, config, ml1m_cross_surface):
   if config == "synthetic_fm":  # known structure: the sequential FM beats the baseline on average
     assert np.mean([v for k, v in r.items() if k.startswith("rel_ne/")]) < 0
 
+  # surface experts on this FM's materialised TAEs (the TAE carrier on ML-1M, KD on synthetic)
+  variant = "tae" if config == "ml1m_fm" else "kd"
+  expert_cfg = config.replace("_fm", "_expert")
+  args = [f"--config=fmx/configs/{expert_cfg}.py:{variant},runlocal", f"--workdir={tmp_path / 'expert'}",
+          f"--config.tae.fm_workdir={workdir}", f"--config.tae.store={tmp_path / 'taes'}",
+          "--config.num_epochs=2", "--config.progress=False"]
+  run(args, env)
+  e = json.loads((tmp_path / "expert" / "results.json").read_text())
+  unseen = set(e["tasks"]) - set(e["fm_tasks"])
+  ne = {k[3:] for k in e if k.startswith("ne/")}
+  assert {k.split("/")[0] for k in ne} == set(surfaces)  # one expert per surface
+  assert {k.split("/")[1] for k in ne} >= unseen  # ...that also learns the task the FM never saw
+  assert {k[6:] for k in e if k.startswith("fm/ne/")} == {k for k in ne if k.split("/")[1] not in unseen}
+  assert all(0 < e[f"ne/{k}"] < 2 and 0 <= e[f"auc/{k}"] <= 1 for k in ne)
+  assert e["carrier"] == ("tae" if variant == "tae" else "none") and e["kd_weight"] == (variant == "kd")
+  again = run(args, env)  # finished: every surface resumes after its last step
+  assert again.stderr.count("resumed from step") == len(surfaces)
+  missing = run(args[:1] + [f"--workdir={tmp_path / 'x'}", f"--config.tae.store={tmp_path / 'none'}",
+                            "--config.tae.fm_workdir="], env, check=False)
+  assert missing.returncode == 2 and "set --config.tae.fm_workdir" in missing.stderr
+  assert "Traceback" not in missing.stderr
+
 
 def test_sharded_mesh_on_simulated_devices(tmp_path, env):
   """Batches over `data`, the item table row-sharded over `model`, on 4 simulated CPU devices."""

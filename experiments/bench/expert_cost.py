@@ -1,6 +1,9 @@
 """Expert cost relative to the foundation model: parameters and FLOPs per candidate.
 
-  python experiments/bench/expert_cost.py [--fm-variant base] [--short 32] [--candidates 16]
+  python experiments/bench/expert_cost.py [--fm-variant base] [--candidates 16]
+      [--dim 24] [--layers 1] [--short 16]
+
+The expert's defaults are those of fmx/configs/ml1m_expert.py (and synthetic_expert.py).
 
 FLOPs come from XLA's cost analysis of the compiled forward passes. FM per candidate is the
 full-sequence forward over a request with H=200 history events and `--candidates`
@@ -15,10 +18,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from fmx.configs import foundation as fm_configs
+from fmx.configs import expert as expert_configs, foundation as fm_configs
 from fmx.data import synthetic_surfaces
 from fmx.models.expert import Expert
 
@@ -39,10 +41,11 @@ def count(params) -> int:
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--fm-variant", default="base")
-  p.add_argument("--short", type=int, default=32, help="T: the expert's short-term events")
+  e = expert_configs.get_config("ml-1m", "tae+ue", fm_workdir="")
+  p.add_argument("--short", type=int, default=e.input.short_len, help="T: the expert's short-term events")
   p.add_argument("--candidates", type=int, default=16)
-  p.add_argument("--expert-dim", type=int, default=32)
-  p.add_argument("--expert-layers", type=int, default=1)
+  p.add_argument("--expert-dim", type=int, default=e.model.dim)
+  p.add_argument("--expert-layers", type=int, default=e.model.num_layers)
   args = p.parse_args()
   c = fm_configs.get_config("synthetic", args.fm_variant)
   h, m = 200, args.candidates
@@ -61,9 +64,9 @@ def main():
                 user=jnp.zeros((1,), jnp.int32))
   fm_flops = flops(lambda p, t: fm.apply({"params": p}, t, items), fm_params, tokens) / m
 
-  ec = ml_collections.ConfigDict(dict(dim=args.expert_dim, num_layers=args.expert_layers,
-                                      num_heads=1, dqk=args.expert_dim, dv=args.expert_dim,
-                                      dropout=0.0, carrier="tae+ue"))
+  ec = e.model
+  ec.dim, ec.num_layers, ec.dqk, ec.dv = (args.expert_dim, args.expert_layers, args.expert_dim,
+                                          args.expert_dim)
   expert = Expert(ec, vocab, num_tasks=4)
   t = args.short
   batch = {"ids": jnp.zeros((1, t), jnp.int32), "actions": jnp.zeros((1, t), jnp.int32),
