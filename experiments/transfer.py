@@ -9,7 +9,9 @@ Per dataset (the cross-surface MovieLens-1M view; seeded synthetic surfaces):
   2. the logging tier materialises both FMs' TAEs (valid and test windows) into one store,
      tagged `early` / `late`;
   3. surface experts (`job="expert"`, every surface) for every seed: on the late FM with each
-     knowledge carrier (none, ue, kd, tae, tae+ue), and with TAE on the early FM;
+     knowledge carrier (none, ue, kd, tae, tae+ue), and with TAE on the early FM. The KD weight
+     is tuned first: each of `--kd-weights` is trained on seed 0 and the one with the lowest NE
+     on the held-out users (the experts' own selection split) is used for every seed;
   4. tables: knowledge carriers (NE relative to the expert alone, AUC), transfer ratios
      TR = (NE(Expert_early) - NE(Expert_late)) / (NE(FM_early) - NE(FM_late)) with the FM gap,
      and the unseen tasks; mean ± std over seeds, with `†` marking differences a Welch t-test
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 
@@ -70,17 +73,46 @@ def expert_config(dataset: str, carrier: str, fm_dir: str, version: str, seed: i
   return c
 
 
-def run_experts(dataset: str, root: str, fms: dict[str, str], args) -> list[dict]:
+def expert_dir(root: str, version: str, carrier: str, seed: int, kd_weight: float = 0.0) -> str:
+  name = f"kd-w{kd_weight:g}" if carrier == "kd" else carrier
+  return os.path.join(root, "experts", version, name, f"seed{seed}")
+
+
+def train_expert(dataset, root, fms, args, version, carrier, seed, kd_weight=0.0) -> str:
+  workdir = expert_dir(root, version, carrier, seed, kd_weight)
+  if not _done(workdir):
+    print(f"[{dataset}] expert {carrier}{f' (weight {kd_weight:g})' if carrier == 'kd' else ''} "
+          f"on FM {version}, seed {seed}", flush=True)
+    c = expert_config(dataset, carrier, fms[version], version, seed, root, args)
+    c.kd_weight = kd_weight
+    expert_train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def select_ne(workdir: str) -> float:
+  """The held-out users' mean NE at the selected epoch, averaged over the surfaces' experts."""
+  res = reporting.read_results(workdir)
+  best = []
+  for surface in res["surfaces"]:
+    with open(os.path.join(workdir, surface, "metrics.jsonl")) as f:
+      best.append(min(json.loads(line)["valid/ne_mean"] for line in f))
+  return float(np.mean(best))
+
+
+def tune_kd(dataset, root, fms, args) -> tuple[float, dict[float, float]]:
+  """The KD weight with the lowest held-out NE (seed 0), and every candidate's held-out NE."""
+  scores = {w: select_ne(train_expert(dataset, root, fms, args, "late", "kd", 0, w))
+            for w in map(float, args.kd_weights.split(","))}
+  return min(scores, key=scores.get), scores
+
+
+def run_experts(dataset: str, root: str, fms: dict[str, str], args, kd_weight: float) -> list[dict]:
   """Trains (or reads) every expert run; returns one record per run with its results."""
   plan = [("late", c) for c in CARRIERS] + [("early", "tae")]
   runs = []
   for seed in range(args.seeds):
     for version, carrier in plan:
-      workdir = os.path.join(root, "experts", version, carrier, f"seed{seed}")
-      if not _done(workdir):
-        print(f"[{dataset}] expert {carrier} on FM {version}, seed {seed}", flush=True)
-        expert_train.train_and_evaluate(
-            expert_config(dataset, carrier, fms[version], version, seed, root, args), workdir)
+      workdir = train_expert(dataset, root, fms, args, version, carrier, seed, kd_weight)
       runs.append({"version": version, "carrier": carrier, "seed": seed,
                    "results": reporting.read_results(workdir)})
   return runs
@@ -215,13 +247,15 @@ def plot(rows: list[dict], path: str) -> None:
   for ax, dataset in zip(axes[:, 0], datasets):
     sub = [r for r in rows if r["dataset"] == dataset and r["fm"] == "late"]
     keys = sorted({(r["surface"], r["task"]) for r in sub})
+    seen = {(r["surface"], r["task"]): r["fm_task"] for r in sub}
     width = 0.8 / len(CARRIERS)
     for i, c in enumerate(CARRIERS):
       ne = [_stat(sub, "ne", carrier=c, surface=s, task=t) for s, t in keys]
       ax.bar(np.arange(len(keys)) + i * width, [x.mean() for x in ne], width,
              yerr=[x.std(ddof=1) if len(x) > 1 else 0 for x in ne], label=LABELS[c], capsize=2)
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2)
-    ax.set_xticklabels([f"{s}/{t}" for s, t in keys], rotation=30, ha="right")
+    ax.set_xticklabels([f"{s}/{t}" + ("" if seen[s, t] else " (unseen)") for s, t in keys],
+                       rotation=30, ha="right")
     lo = min(r["ne"] for r in sub)
     ax.set_ylim(lo - 0.02, max(r["ne"] for r in sub) + 0.01)
     ax.set_ylabel("test NE (lower is better)")
@@ -242,6 +276,8 @@ def main():
   p.add_argument("--early-epochs", type=int, default=1)
   p.add_argument("--late-epochs", type=int, default=4)
   p.add_argument("--surfaces", default="", help="comma-separated surfaces (default: all)")
+  p.add_argument("--kd-weights", default="0.5,1,2",
+                 help="KD weights tried on seed 0; the best on held-out users is used")
   p.add_argument("--quick", action="store_true", help="runlocal experts (a smoke test)")
   p.add_argument("--progress", action="store_true", help="show progress bars")
   args = p.parse_args()
@@ -254,10 +290,13 @@ def main():
     for version in ("early", "late"):  # the logging tier, once per FM version
       if version not in tae_store.versions(os.path.join(root, "taes")):
         c = expert_config(dataset, "tae", fms[version], version, 0, root, args)
-        expert_train.ensure_taes(c, fm_train.load_data(c.input))
-    rows += long_rows(dataset, run_experts(dataset, root, fms, args))
+        expert_train.ensure_taes(c, lambda: fm_train.load_data(c.input))
+    kd_weight, kd_scores = tune_kd(dataset, root, fms, args)
+    rows += long_rows(dataset, run_experts(dataset, root, fms, args, kd_weight))
     section, summary = tables(dataset, [r for r in rows if r["dataset"] == dataset])
-    sections.append(section)
+    sections.append(section + "\nKD weight, picked by the held-out users' NE (seed 0): **"
+                    f"{kd_weight:g}** (" + ", ".join(f"{w:g}: {v:.4f}" for w, v in kd_scores.items())
+                    + ").\n")
     print(f"[{dataset}] TAE beats UE and KD on {len(summary['tae_beats_ue_and_kd'])}/"
           f"{len(summary['main_tasks'])} main surface/tasks", flush=True)
   os.makedirs(args.out, exist_ok=True)

@@ -12,13 +12,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_transfer_study_end_to_end(tmp_path):
   cmd = [sys.executable, "experiments/transfer.py", f"--workdir={tmp_path / 'w'}",
          f"--out={tmp_path / 'out'}", "--datasets=synthetic", "--seeds=2", "--fm-variant=runlocal",
-         "--early-epochs=1", "--late-epochs=2", "--surfaces=s1", "--quick"]
+         "--early-epochs=1", "--late-epochs=2", "--surfaces=s1", "--kd-weights=0.5,1", "--quick"]
   p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   md = (tmp_path / "out" / "transfer.md").read_text()
   for section in ("Knowledge carriers", "Transfer ratios", "Unseen tasks"):
     assert f"### {section}" in md
   assert "| s1/comment |" in md and "| s1/click |" in md
+  assert "KD weight, picked by the held-out users' NE (seed 0)" in md
   assert (tmp_path / "out" / "transfer.png").stat().st_size > 10_000
   rows = list(csv.DictReader(open(tmp_path / "out" / "transfer.csv")))
   runs = {(r["fm"], r["carrier"], r["seed"]) for r in rows}

@@ -14,6 +14,7 @@ The expert never calls the FM: its inputs are arrays.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -47,8 +48,9 @@ def fm_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
   return fm
 
 
-def ensure_taes(c: ml_collections.ConfigDict, data) -> None:
-  """Materialises `c.tae.fm_version` from `c.tae.fm_workdir` if the store does not hold it."""
+def ensure_taes(c: ml_collections.ConfigDict, load_data) -> None:
+  """Materialises `c.tae.fm_version` from `c.tae.fm_workdir` if the store does not hold it;
+  fails before `load_data()` is called if neither can provide it."""
   t = c.tae
   fm = fm_config(c)
   if t.fm_version in tae_store.versions(t.store):
@@ -58,7 +60,8 @@ def ensure_taes(c: ml_collections.ConfigDict, data) -> None:
         f"{t.store}: no TAEs of FM version {t.fm_version!r}; set --config.tae.fm_workdir to a "
         "trained FM's workdir to materialise them, or point tae.store at a materialised store")
   from fmx.hypercast import logging_tier  # the logging tier, not the expert, runs the FM
-  logging_tier.materialise(fm, t.fm_workdir, t.store, t.fm_version, data, splits=("valid", "test"))
+  logging_tier.materialise(fm, t.fm_workdir, t.store, t.fm_version, load_data(),
+                           splits=("valid", "test"))
 
 
 def _full(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
@@ -124,9 +127,10 @@ def train_surface(c, workdir, data, parts, surface, items, vocab) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c, t0 = config, time.time()
-  data = fm_train.load_data(c.input)
+  load_data = functools.cache(lambda: fm_train.load_data(c.input))
+  ensure_taes(c, load_data)  # fails fast, before the data are read, if no TAEs can be had
+  data = load_data()
   spec = data.spec
-  ensure_taes(c, data)
   rows = expert_examples.load_rows(c.tae.store, c.tae.fm_version)
   vocab = padded_vocab(data.num_items, c.mesh.model)
   items = fm_train.item_table(data, vocab)
