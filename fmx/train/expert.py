@@ -89,10 +89,9 @@ def train_surface(c, workdir, data, parts, surface, items, vocab) -> dict:
 
     def loss_fn(params):
       logits = model.apply({"params": params}, batch, items, train=True, rngs={"dropout": rng})
-      loss, per_task = losses.mtml_bce(logits, batch["labels"], batch["label_valid"], weights)
-      kd, _ = losses.mtml_bce(logits, batch["fm_probs"], jnp.broadcast_to(kd_mask, logits.shape),
-                              weights)
-      return loss + c.kd_weight * kd, (per_task, kd)
+      loss, per_task, kd = losses.distilled_bce(logits, batch["labels"], batch["label_valid"],
+                                                weights, batch["fm_probs"], kd_mask, c.kd_weight)
+      return loss, (per_task, kd)
 
     (loss, (per_task, kd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

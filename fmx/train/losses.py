@@ -55,3 +55,13 @@ def mtml_bce(logits: jax.Array, labels: jax.Array, valid: jax.Array, weights: ja
   axes = tuple(range(logits.ndim - 1))
   per_task = jnp.sum(bce, axis=axes) / jnp.maximum(jnp.sum(valid, axis=axes), 1.0)
   return jnp.sum(weights * per_task), per_task
+
+
+def distilled_bce(logits, labels, valid, weights, soft_targets, soft_mask, soft_weight: float):
+  """Real-time knowledge distillation: `mtml_bce` on the labels plus `soft_weight` times the
+  same BCE against a teacher's probabilities `soft_targets` on the tasks of `soft_mask`
+  (`[num_tasks]` bool: the tasks the teacher knows). Returns (loss, per-task label BCE,
+  distillation BCE)."""
+  loss, per_task = mtml_bce(logits, labels, valid, weights)
+  kd, _ = mtml_bce(logits, soft_targets, jnp.broadcast_to(soft_mask, logits.shape), weights)
+  return loss + soft_weight * kd, per_task, kd

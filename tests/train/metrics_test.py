@@ -1,5 +1,6 @@
 """Ranking metrics and the sampled-softmax loss on hand-computed cases."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +66,24 @@ def test_normalized_entropy_hand_computed():
 def test_auc_hand_computed_with_ties():
   assert metrics.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
   assert metrics.auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+
+
+def test_distillation_only_on_the_teachers_tasks_and_only_when_weighted():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 2, (6, 3)))
+  valid = jnp.ones((6, 3), bool)
+  w = jnp.array([1.0, 0.5, 1.0])
+  soft = jnp.asarray(rng.uniform(size=(6, 3)), jnp.float32)
+  known = jnp.array([True, True, False])  # the last task is unseen by the teacher
+  grad = lambda kd_weight: jax.grad(
+      lambda s: losses.distilled_bce(logits, labels, valid, w, s, known, kd_weight)[0])(soft)
+  assert np.all(np.asarray(grad(0.0)) == 0)  # the expert alone never sees the FM's predictions
+  g = np.asarray(grad(2.0))
+  assert np.all(g[:, 2] == 0) and np.all(g[:, :2] != 0)
+  loss, per_task, kd = losses.distilled_bce(logits, labels, valid, w, soft, known, 2.0)
+  bce = lambda y: -(y * np.log(jax.nn.sigmoid(logits)) + (1 - y) * np.log(1 - jax.nn.sigmoid(logits)))
+  expect_kd = float(np.sum(np.asarray(w)[:2] * bce(np.asarray(soft)).mean(0)[:2]))
+  np.testing.assert_allclose(kd, expect_kd, rtol=1e-5)
+  np.testing.assert_allclose(loss, float(losses.mtml_bce(logits, labels, valid, w)[0]) + 2 * expect_kd,
+                             rtol=1e-5)
