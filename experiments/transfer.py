@@ -276,7 +276,7 @@ def main():
   p.add_argument("--early-epochs", type=int, default=1)
   p.add_argument("--late-epochs", type=int, default=4)
   p.add_argument("--surfaces", default="", help="comma-separated surfaces (default: all)")
-  p.add_argument("--kd-weights", default="0.5,1,2",
+  p.add_argument("--kd-weights", default="0.5,1,2,4",
                  help="KD weights tried on seed 0; the best on held-out users is used")
   p.add_argument("--quick", action="store_true", help="runlocal experts (a smoke test)")
   p.add_argument("--progress", action="store_true", help="show progress bars")
@@ -311,7 +311,17 @@ def main():
             f"Produced by `{cmd}`.", "Seeds: " + str(args.seeds) + "; test split; the epoch of "
             "every expert is picked on held-out users of its training windows. See "
             "`experiments/transfer.py` for the protocol.", "",
-            "![NE by carrier and task](transfer.png)", ""]
+            "![NE by carrier and task](transfer.png)", "",
+            "Protocol. Each FM trains on every user's training region; its validation windows "
+            "(impressions it never trained on) are the experts' training data, 10% of their users "
+            "held out to pick each expert's epoch; everything is measured on the test windows. "
+            "All carriers share the expert's size (d=24, 1 HSTU layer, 16 short-term events), "
+            "optimiser, epochs and selection rule. One FM run per dataset: `early` is its "
+            "checkpoint after the first epoch(s), `late` the same run continued. UE is the FM's "
+            "output at the last history position: the ranking loss supervises candidate positions "
+            "only, so that output is never trained directly, which is part of why UE carries "
+            "less than TAE. The FM one-stage column reads the FM's own predictions on the same "
+            "test rows.", ""]
   with open(os.path.join(args.out, "transfer.md"), "w") as f:
     f.write("\n".join(header + sections))
   plot(rows, os.path.join(args.out, "transfer.png"))
