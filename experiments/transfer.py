@@ -168,11 +168,12 @@ def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
   out = [f"## {dataset}", "", "### Knowledge carriers (late FM)", "",
          "NE of the expert alone; for each carrier, NE relative to the expert alone in % "
          "(negative is better) and AUC. FM: the foundation model itself, one-stage, on the "
-         "same test rows (tasks it knows).", ""]
+         "same test rows (tasks it knows). The last column holds the Welch t-test p-values of "
+         "TAE against UE and against KD.", ""]
   head = "| surface/task | alone NE | alone AUC | " + " | ".join(
-      f"{LABELS[c]} ΔNE% | {LABELS[c]} AUC" for c in CARRIERS[1:]) + " | FM ΔNE% | FM AUC |"
+      f"{LABELS[c]} ΔNE% | {LABELS[c]} AUC" for c in CARRIERS[1:]) + " | FM ΔNE% | FM AUC | p(TAE vs UE, KD) |"
   out += [head, "|" + "---|" * (head.count("|") - 1)]
-  wins, main = [], []
+  wins, significant, main = [], [], []
   for surface, task, fm_task in keys:
     base = _stat(rows, "ne", fm="late", carrier="none", surface=surface, task=task)
     cells = [f"{surface}/{task}" + ("" if fm_task else " (unseen)"), _ms(base),
@@ -184,15 +185,20 @@ def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
       rel = 100.0 * (ne / base.mean() - 1.0)
       cells += [_ms(rel, "+.2f") + _mark(_p(ne, base)),
                 _ms(_stat(rows, "auc", fm="late", carrier=c, surface=surface, task=task), ".3f")]
+    tae = _stat(rows, "ne", fm="late", carrier="tae", surface=surface, task=task)
+    p_tae = [_p(tae, _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task))
+             for c in ("ue", "kd")]
     fm_ne = _stat(rows, "fm_ne", fm="late", carrier="none", surface=surface, task=task)
     fm_auc = _stat(rows, "fm_auc", fm="late", carrier="none", surface=surface, task=task)
     cells += ([f"{100.0 * (fm_ne[0] / base.mean() - 1.0):+.2f}", f"{fm_auc[0]:.3f}"] if fm_task
-              else ["n/a", "n/a"])
+              else ["n/a", "n/a"]) + [", ".join(f"{p:.1g}" for p in p_tae)]
     out.append("| " + " | ".join(cells) + " |")
     if fm_task and _is_main(task):
       main.append(f"{surface}/{task}")
       if means["tae"] < min(means["ue"], means["kd"]):
         wins.append(f"{surface}/{task}")
+        if max(p_tae) < 0.05:
+          significant.append(f"{surface}/{task}")
 
   out += ["", "### Transfer ratios (TAE carrier, early → late FM)", "",
           "TR = (NE(Expert_early) − NE(Expert_late)) / (NE(FM_early) − NE(FM_late)). The FM gap "
@@ -229,7 +235,9 @@ def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
   summary = {"tae_beats_ue_and_kd": wins, "main_tasks": main, "tr": trs}
   out += ["", f"TAE has a lower mean NE than both UE and KD on {len(wins)} of {len(main)} main "
           f"surface/tasks" + (f"; not on: {', '.join(sorted(set(main) - set(wins)))}."
-                              if len(wins) < len(main) else "."), ""]
+                              if len(wins) < len(main) else ".")
+          + f" The difference is significant (p < 0.05) against both on {len(significant)} of them.",
+          ""]
   return "\n".join(out), summary
 
 
