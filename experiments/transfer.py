@@ -284,7 +284,7 @@ def main():
   p.add_argument("--early-epochs", type=int, default=1)
   p.add_argument("--late-epochs", type=int, default=4)
   p.add_argument("--surfaces", default="", help="comma-separated surfaces (default: all)")
-  p.add_argument("--kd-weights", default="0.5,1,2,4",
+  p.add_argument("--kd-weights", default="0.5,1,2,4,8,16",
                  help="KD weights tried on seed 0; the best on held-out users is used")
   p.add_argument("--quick", action="store_true", help="runlocal experts (a smoke test)")
   p.add_argument("--progress", action="store_true", help="show progress bars")
