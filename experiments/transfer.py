@@ -68,8 +68,7 @@ def expert_config(dataset: str, carrier: str, fm_dir: str, version: str, seed: i
   c.tae.store, c.tae.fm_version = os.path.join(root, "taes"), version
   if args.surfaces:
     c.surfaces = tuple(args.surfaces.split(","))
-  if args.fm_variant == "runlocal":
-    c.input.synthetic.num_users = fm_configs.get_config(dataset, "runlocal").input.synthetic.num_users
+  c.input.synthetic = fm_configs.get_config(dataset, args.fm_variant).input.synthetic  # as the FM's
   return c
 
 
@@ -136,13 +135,9 @@ def long_rows(dataset: str, runs: list[dict]) -> list[dict]:
   return rows
 
 
-def _values(rows, **where) -> np.ndarray:
-  return np.array([r for r in rows if all(r[k] == v for k, v in where.items())], dtype=object)
-
-
 def _stat(rows, metric, **where) -> np.ndarray:
-  """Per-seed values of `metric`, ordered by seed."""
-  sel = sorted(_values(rows, **where), key=lambda r: r["seed"])
+  """Per-seed values of `metric` over the rows matching `where`, ordered by seed."""
+  sel = sorted((r for r in rows if all(r[k] == v for k, v in where.items())), key=lambda r: r["seed"])
   return np.array([r[metric] for r in sel], np.float64)
 
 

@@ -43,18 +43,18 @@ def get_config(dataset: str, arg: str | None, fm_workdir: str) -> ml_collections
   c.tae.store = f"{fm_workdir}/taes"  # the materialised TAE store
   c.tae.fm_version = "v1"  # which FM version of the store to train on
 
-  fm = foundation.get_config(dataset, None)
+  fm = foundation.get_config(dataset, "runlocal" if "runlocal" in words else None)
   c.input = ml_collections.ConfigDict()
   c.input.dataset = dataset
   c.input.data_dir = fm.input.data_dir
   c.input.manual_dir = fm.input.manual_dir
-  c.input.synthetic = fm.input.synthetic  # must match the FM's
+  c.input.synthetic = fm.input.synthetic  # must match the FM's (runlocal: the FM's runlocal)
   c.input.short_len = 16  # T: the surface's most recent events the short-term HSTU reads
   c.input.batch_size = 128
   c.input.select_fraction = 0.1  # users of the expert's training windows held out to pick the epoch
 
   # d=24, 1 layer, T=16: 5.7% of the base FM's FLOPs per candidate
-  # (python experiments/bench/expert_cost.py --config=fmx/configs/ml1m_expert.py)
+  # (python experiments/bench/expert_cost.py, whose expert defaults are these)
   c.model = ml_collections.ConfigDict(dict(carrier="none" if carrier == "kd" else carrier,
                                            dim=24, num_layers=1, num_heads=1, dqk=24, dv=24,
                                            dropout=0.2))
@@ -67,5 +67,4 @@ def get_config(dataset: str, arg: str | None, fm_workdir: str) -> ml_collections
   if "runlocal" in words:
     c.num_epochs = 3
     c.log_every_steps = 10
-    c.input.synthetic.num_users = 400  # as the FM's runlocal variant
   return c
