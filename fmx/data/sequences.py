@@ -154,6 +154,16 @@ def eval_arrays(data: UserSequences, protocol: str, split: str, max_len: int) ->
   return {k: np.asarray(v) for k, v in out.items()}
 
 
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, buckets=(), max_len: int = 0):
+  """Yields (rows, batch) over every row of `eval_arrays` output. Rows are visited sorted by
+  length so a batch can be cut to its length bucket; the tail batch repeats its last row."""
+  order = np.argsort(arrays["lengths"], kind="stable")
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+    yield rows, trim({k: v[padded] for k, v in arrays.items()}, tuple(buckets), max_len)
+
+
 def train_item_counts(data: UserSequences, protocol: str) -> np.ndarray:
   """`[num_items + 1]` interaction counts over the training part (for the popularity baseline)."""
   cuts = train_cut(data, protocol)

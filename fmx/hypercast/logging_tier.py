@@ -1,72 +1,87 @@
 """The offline FM logging tier: materialises the TAEs of a pinned FM checkpoint into the store
 (`fmx.data.tae_store`) that expert trainers read.
 
-One row per candidate impression, tagged with the FM version (via its shard), holding: user,
+One row per candidate impression, tagged with the FM version (its store version), holding: user,
 split (0 train, 1 valid, 2 test), request_time, history_end (the index in the user's events
-where the history stops), cand (item id), surface, tae `[d]`, ue `[d]`
-(the user embedding of the same history), fm_probs `[num_tasks]`, labels and label_valid.
-Every row's history is made only of events before its impression (`fmx.data.ranking`).
+where the history stops), cand (item id), surface, tae `[d]`, ue `[d]` (the user embedding of
+the same history), fm_probs `[num_tasks]`, labels and label_valid. Every row's history is made
+only of events before its impression (`fmx.data.ranking`). A version is written all-or-nothing
+by one writer at a time; materialising a committed version again is a no-op.
 """
 
 from __future__ import annotations
 
-import jax
+import sys
+import time
+
 import ml_collections
 import numpy as np
 
-from fmx.data import ranking, tae_store
-from fmx.train import checkpoint, fm as fm_train
+from fmx.data import load as data_load, ranking, tae_store
+from fmx.runtime import fm as fm_runtime
+from fmx.train import reporting
+
+COLUMNS = ("user", "split", "request_time", "history_end", "cand", "surface", "tae", "ue",
+           "fm_probs", "labels", "label_valid")
 
 
-def restore_fm(c: ml_collections.ConfigDict, fm_workdir: str, data):
-  """(model, items, params, step) of the latest checkpoint in `fm_workdir`."""
-  model, items = fm_train.setup(c, data)
-  init = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks)[0]
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  ckpt = checkpoint.Checkpointer(fm_workdir)
-  restored = ckpt.restore(abstract)
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no FM checkpoint in {fm_workdir}/checkpoints: train the FM first "
-                            "(python -m fmx.main --config=fmx/configs/ml1m_fm.py ...)")
-  state, _ = restored
-  return model, items, state.params, int(state.step)
+def window_rows(fm: fm_runtime.PinnedFM, batch: dict, split: str) -> dict[str, np.ndarray]:
+  """The store rows of one batch of ranking windows: one per real candidate."""
+  tae, probs, ue = (np.asarray(x) for x in fm.forward(batch))
+  real = np.arange(batch["cand_index"].shape[1])[None, :] < batch["num_targets"][:, None]
+  bi, _ = np.nonzero(real)
+  return {"user": batch["user"][bi], "split": np.full(len(bi), tae_store.SPLIT_IDS[split], np.int8),
+          "request_time": batch["request_time"][bi], "history_end": batch["history_end"][bi],
+          "cand": np.take_along_axis(batch["ids"], batch["cand_index"], axis=1)[real],
+          "surface": np.take_along_axis(batch["surfaces"], batch["cand_index"], axis=1)[real],
+          "tae": tae[real], "ue": ue[bi], "fm_probs": probs[real], "labels": batch["labels"][real],
+          "label_valid": batch["label_valid"][real]}
 
 
-def materialise(c: ml_collections.ConfigDict, fm_workdir: str, store_root: str, fm_version: str,
-                data, splits=("train", "valid", "test"), train_windows: int = 1) -> int:
-  """Writes one shard per split and returns the number of rows written. Training windows are
-  the FM pipeline's own (seeded) windows of its first epoch."""
-  model, items, params, _ = restore_fm(c, fm_workdir, data)
-  forward = jax.jit(lambda p, b: model.apply({"params": p}, b, items, return_user=True))
-  H, T, bs = c.input.max_history, c.input.num_candidates, c.evals.batch_size
+def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
+                splits=("train", "valid", "test"), batch_size: int = 128,
+                train_windows: int = 1) -> int:
+  """Writes `fm_version` (one shard per split) and returns its rows; 0 if the store already
+  holds that version. Training windows are the FM pipeline's own (seeded) windows of its first
+  epoch."""
+  if fm_version in tae_store.versions(store):
+    return 0
+  c, data = fm.config, fm.data
+  H, T = c.input.max_history, c.input.num_candidates
+  meta = {"fm_workdir": fm.workdir, "fm_step": fm.step, "dataset": c.input.dataset,
+          "synthetic": c.input.synthetic.to_dict() if c.input.dataset == "synthetic" else None}
   total = 0
-  for split in splits:
-    if split == "train":
-      ds, steps = ranking.train_batches(data, H, T, bs, c.seed, 1, train_windows)
-      batches = (ds[i] for i in range(steps))
-    else:
-      batches = ranking.eval_batches(data, split, H, T, bs)
-    rows = {k: [] for k in ("user", "split", "request_time", "history_end", "cand", "surface", "tae", "ue",
-                            "fm_probs", "labels", "label_valid")}
-    for b in batches:
-      tae, logits, ue = (np.asarray(x) for x in forward(params, b))
-      real = np.arange(T)[None, :] < b["num_targets"][:, None]
-      bi, _ = np.nonzero(real)
-      cand = np.take_along_axis(b["ids"], b["cand_index"], axis=1)
-      surf = np.take_along_axis(b["surfaces"], b["cand_index"], axis=1)
-      rows["user"].append(b["user"][bi])
-      rows["split"].append(np.full(len(bi), tae_store.SPLIT_IDS[split], np.int8))
-      rows["request_time"].append(b["request_time"][bi])
-      rows["history_end"].append(b["history_end"][bi])
-      rows["cand"].append(cand[real])
-      rows["surface"].append(surf[real])
-      rows["tae"].append(tae[real])
-      rows["ue"].append(ue[bi])
-      rows["fm_probs"].append(1.0 / (1.0 + np.exp(-logits[real])))
-      rows["labels"].append(b["labels"][real])
-      rows["label_valid"].append(b["label_valid"][real])
-    arrays = {k: np.concatenate(v) for k, v in rows.items()}
-    tae_store.write_shard(store_root, fm_version, arrays)
-    total += len(arrays["user"])
+  with tae_store.write_version(store, fm_version, meta) as writer:
+    for split in splits:
+      if split == "train":
+        ds, steps = ranking.train_batches(data, H, T, batch_size, c.seed, 1, train_windows)
+        batches = (ds[i] for i in range(steps))
+      else:
+        batches = ranking.eval_batches(data, split, H, T, batch_size)
+      parts = [window_rows(fm, b, split) for b in batches]
+      arrays = {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
+      writer.write_shard(arrays)
+      total += len(arrays["user"])
   return total
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`job="logging"`: materialise `config.fm_workdir`'s checkpoint as `config.fm_version`."""
+  c, t0 = config, time.time()
+  results = {"fm_version": c.fm_version, "store": c.store, "config": c.to_dict(), "steps": 0}
+  if c.fm_version in tae_store.versions(c.store):
+    print(f"fmx: {c.store} already holds FM version {c.fm_version!r}; nothing to do",
+          file=sys.stderr)
+    results.update(rows=0, wall_s=round(time.time() - t0, 2))
+    reporting.write_results(workdir, results)
+    return results
+
+  def load_data(fm_config):
+    fm_config.input.update(c.input.to_dict())  # this machine's data locations
+    return data_load.load(fm_config.input, "surfaces")
+
+  fm = fm_runtime.restore(c.fm_workdir, step=c.fm_step or None, load_data=load_data)
+  rows = materialise(fm, c.store, c.fm_version, tuple(c.splits), c.batch_size)
+  results.update(rows=rows, fm_step=fm.step, wall_s=round(time.time() - t0, 2))
+  reporting.write_results(workdir, results)
+  return results

@@ -9,6 +9,13 @@ import jax
 import jax.numpy as jnp
 
 
+def padded_vocab(num_items: int, shards: int = 1) -> int:
+  """Item table rows: padding row 0 + items, rounded up to a multiple of 8 that `shards`
+  (the mesh's `model` axis, over which the rows are split) divides evenly."""
+  multiple = math.lcm(8, shards)
+  return -(-(num_items + 1) // multiple) * multiple
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 

@@ -14,14 +14,14 @@ The FM inputs arrive as arrays (materialised TAEs from `fmx.data.tae_store`) and
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from fmx.models.hstu import HSTU
-
-CARRIERS = ("none", "tae", "ue", "tae+ue")
+from fmx.configs.common import CARRIERS
+from fmx.models.hstu import HSTU, HSTUConfig
 
 
 class FMEmbedding(nn.Module):
@@ -42,15 +42,16 @@ class Expert(nn.Module):
   when the carrier uses them. items: `genres [V, G]`, `content [V, C]`.
   """
 
-  config: ml_collections.ConfigDict
+  config: HSTUConfig  # the short-term HSTU; its width is the expert's width
   vocab_size: int
   num_tasks: int
+  carrier: str = "tae"
 
   @nn.compact
   def __call__(self, batch, items, *, train: bool = False):
     c = self.config
-    if c.carrier not in CARRIERS:
-      raise ValueError(f"expert carrier={c.carrier!r}: expected one of {CARRIERS}")
+    if self.carrier not in CARRIERS:
+      raise ValueError(f"expert carrier={self.carrier!r}: expected one of {CARRIERS}")
     d = c.dim
     item = nn.Embed(self.vocab_size, d, embedding_init=nn.initializers.truncated_normal(0.02), name="item")
     action = nn.Embed(4, d, name="action")
@@ -66,13 +67,13 @@ class Expert(nn.Module):
     ts = jnp.where(pos == lengths[:, None], batch["request_time"][:, None], ts)
     qt = jnp.concatenate([ts[:, 1:], batch["request_time"][:, None]], 1)
     qt = jnp.where(pos >= lengths[:, None] - 1, batch["request_time"][:, None], qt)
-    out = HSTU(c.num_layers, d, c.num_heads, c.dqk, c.dv, t + 1, c.dropout, name="short_term")(
+    out = HSTU(dataclasses.replace(c, max_len=t + 1), name="short_term")(
         x, lengths + 1, ts, qt, num_targets=jnp.ones_like(lengths), train=train)
     short = jnp.take_along_axis(out, lengths[:, None, None], axis=1)[:, 0]
     parts = [short]
-    if "tae" in c.carrier:
+    if "tae" in self.carrier:
       parts.append(FMEmbedding(d, c.dropout, name="fm_tae")(batch["tae"], train=train))
-    if "ue" in c.carrier:
+    if "ue" in self.carrier:
       parts.append(FMEmbedding(d, c.dropout, name="fm_ue")(batch["ue"], train=train))
     fused = nn.Dense(d, name="fm_fusion_out")(jax.nn.silu(nn.Dense(2 * d, name="fm_fusion")(
         jnp.concatenate(parts, -1))))

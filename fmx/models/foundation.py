@@ -7,9 +7,9 @@ only, the action embedding (candidates carry none). This is the paper's summatio
 action interleaving. The HSTU output at a candidate's position is its target-aware embedding
 (TAE); MTML heads on the TAE (plus the candidate's surface) give one logit per task.
 
-Public API (pure functions of `params`): `FoundationModel.__call__` (training, full sequence)
-and `MFalcon.target_aware_embeddings / user_embedding / predict` (M-FALCON: the history is
-encoded once, candidates come in micro-batches against its key/value cache).
+Pure functions of `params`: `FoundationModel.__call__` (training, full sequence), and
+`encode_history` + `extend` (M-FALCON: the history is encoded once, candidates come in
+micro-batches against its key/value cache; `fmx.runtime.mfalcon` serves requests with them).
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from fmx.models.hstu import HSTU
+from fmx.models.hstu import HSTU, HSTUConfig
 
 NUM_ACTIONS = 4  # 0: none (candidates, padding), 1..3 from the event's labels
 YEAR_BUCKETS = 26  # 5-year buckets from 1900; 0 is unknown
 AGE_BUCKETS = 64
+
+
+def probabilities(logits):
+  """Task probabilities from task logits: the one sigmoid of the FM's and experts' outputs."""
+  return jax.nn.sigmoid(logits)
 
 
 def year_bucket(year):
@@ -46,10 +49,12 @@ class FoundationModel(nn.Module):
   `items`: the item table: genres `[V, G]`, year `[V]`, content `[V, C]` (constants).
   """
 
-  config: ml_collections.ConfigDict  # the `model` sub-config
+  config: HSTUConfig
   vocab_size: int
   num_surfaces: int
   num_tasks: int
+  input_dropout: float = 0.0  # on the summed token inputs
+  head_dim: int = 64  # MTML head hidden width
 
   def setup(self):
     c = self.config
@@ -63,11 +68,9 @@ class FoundationModel(nn.Module):
     self.position = emb(c.max_len)
     self.genres = nn.Dense(d, use_bias=False)
     self.content = nn.Dense(d, use_bias=False)
-    self.drop = nn.Dropout(c.input_dropout)
-    self.encoder = HSTU(c.num_layers, d, c.num_heads, c.dqk, c.dv, c.max_len, c.dropout,
-                        c.num_time_buckets, c.alpha, c.get("scale_len") or None, c.use_rab,
-                        c.attention_impl)
-    self.head_hidden = nn.Dense(c.head_dim)
+    self.drop = nn.Dropout(self.input_dropout)
+    self.encoder = HSTU(c)
+    self.head_hidden = nn.Dense(self.head_dim)
     self.head_out = nn.Dense(self.num_tasks)
 
   def embed(self, ids, surfaces, actions, timestamps, request_time, positions, items, *, train):
@@ -128,54 +131,3 @@ class FoundationModel(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (b, h))
     tae = self.encoder.extend(x, cache, hist["lengths"], hist["timestamps"], times, new_pos, positions)
     return tae, self.heads(tae, cand["surfaces"])
-
-
-def history_inputs(ids, surfaces, actions, timestamps, request_time, max_len: int) -> dict:
-  """One user's history (1-D arrays, chronological) as a `[1, H]` batch for `encode_history`:
-  the most recent `max_len` events, query times = next event's time (the request for the last)."""
-  ids, surfaces, actions, timestamps = (np.asarray(a)[-max_len:] for a in (ids, surfaces, actions, timestamps))
-  h = len(ids)
-  pad = lambda a: np.pad(a, (0, max_len - h))[None]
-  query = np.append(timestamps[1:], request_time)
-  return {"ids": pad(ids).astype(np.int32), "surfaces": pad(surfaces).astype(np.int32),
-          "actions": pad(actions).astype(np.int32), "timestamps": pad(timestamps).astype(np.int64),
-          "query_times": pad(query).astype(np.int64), "lengths": np.array([h], np.int32),
-          "request_time": np.array([request_time], np.int64)}
-
-
-class MFalcon:
-  """Request-level inference (M-FALCON): the history is encoded once per request and candidates
-  are scored in micro-batches of `micro_batch` (the last one padded) against its k/v cache.
-  Holds only the jitted pure functions; `params` are passed to every call."""
-
-  def __init__(self, model: FoundationModel, items: dict, micro_batch: int = 256):
-    self.items, self.micro_batch = items, micro_batch
-    self._encode = jax.jit(lambda p, h, it: model.apply({"params": p}, h, it, method="encode_history"))
-    self._extend = jax.jit(lambda p, h, c, cd, it: model.apply({"params": p}, h, c, cd, it,
-                                                               method="extend"))
-
-  def target_aware_embeddings(self, params, history: dict, candidates: dict) -> np.ndarray:
-    """`[num_candidates, d]` TAEs; `history` from `history_inputs`, candidates: ids, surfaces."""
-    return self._score(params, history, candidates)[0]
-
-  def predict(self, params, history: dict, candidates: dict) -> np.ndarray:
-    """`[num_candidates, num_tasks]` task probabilities."""
-    return np.asarray(jax.nn.sigmoid(self._score(params, history, candidates)[1]))
-
-  def user_embedding(self, params, history: dict) -> np.ndarray:
-    """`[d]`: the output at the last history position (the non-target-aware baseline)."""
-    out, _ = self._encode(params, history, self.items)
-    return np.asarray(out[0, int(history["lengths"][0]) - 1])
-
-  def _score(self, params, history, candidates):
-    _, cache = self._encode(params, history, self.items)
-    m, mb = len(candidates["ids"]), self.micro_batch
-    taes, logits = [], []
-    for start in range(0, m, mb):
-      chunk = {k: np.asarray(v)[start:start + mb] for k, v in candidates.items()}
-      size = len(chunk["ids"])
-      chunk = {k: np.pad(v, (0, mb - size))[None] for k, v in chunk.items()}
-      t, l = self._extend(params, history, cache, chunk, self.items)
-      taes.append(np.asarray(t[0, :size]))
-      logits.append(np.asarray(l[0, :size]))
-    return np.concatenate(taes), np.concatenate(logits)

@@ -12,11 +12,41 @@ target outputs from a per-layer key/value cache of the history (M-FALCON).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kernels import hstu_attention, hstu_cached_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class HSTUConfig:
+  """The HSTU stack, shared by every model that embeds one."""
+
+  num_layers: int
+  dim: int  # model width d
+  num_heads: int
+  dqk: int  # per-head query/key width
+  dv: int  # per-head value width
+  max_len: int  # padded length N: position tables and the 1/N scale
+  dropout: float = 0.0  # on the attention output
+  num_buckets: int = 128  # log time buckets (+1) of the relative bias
+  alpha: float = 1.0  # multiplier of QK^T (the official code uses no 1/sqrt(d))
+  scale_len: int = 0  # the 1/scale_len normaliser; 0 means max_len (the official choice)
+  use_rab: bool = True  # relative position + time attention bias
+  attention_impl: str = "auto"  # kernels.hstu_attention impl
+
+  @classmethod
+  def from_model_config(cls, m: Mapping[str, Any], **overrides) -> "HSTUConfig":
+    """From a `model` config section (`num_time_buckets` names `num_buckets` there); fields the
+    section lacks keep their defaults."""
+    names = {f.name: ("num_time_buckets" if f.name == "num_buckets" else f.name)
+             for f in dataclasses.fields(cls)}
+    values = {f: m[k] for f, k in names.items() if k in m}
+    return cls(**{**values, **overrides})
 
 
 def time_buckets(timestamps: jax.Array, query_times: jax.Array, num_buckets: int) -> jax.Array:
@@ -51,48 +81,43 @@ class RelativeBias(nn.Module):
 
 
 class HSTULayer(nn.Module):
-  dim: int
-  num_heads: int
-  dqk: int
-  dv: int
-  max_len: int
-  dropout: float
-  num_buckets: int = 128
-  alpha: float = 1.0
-  scale_len: int | None = None
-  use_rab: bool = True
-  attention_impl: str = "auto"
+  config: HSTUConfig
 
   def setup(self):
-    h = self.num_heads
-    self.uvqk = nn.Dense(2 * h * (self.dv + self.dqk), use_bias=False,
+    c = self.config
+    h = c.num_heads
+    self.uvqk = nn.Dense(2 * h * (c.dv + c.dqk), use_bias=False,
                          kernel_init=nn.initializers.normal(stddev=0.02))
-    self.out = nn.Dense(self.dim, kernel_init=nn.initializers.xavier_uniform())
-    self.drop = nn.Dropout(self.dropout)
-    if self.use_rab:
-      self.rab = RelativeBias(self.max_len, self.num_buckets)
+    self.out = nn.Dense(c.dim, kernel_init=nn.initializers.xavier_uniform())
+    self.drop = nn.Dropout(c.dropout)
+    if c.use_rab:
+      self.rab = RelativeBias(c.max_len, c.num_buckets)
+
+  @property
+  def scale_len(self) -> int:
+    return self.config.scale_len or self.config.max_len
 
   def project(self, x):
     """`u [B, L, H*dv]`, `q, k [B, L, H, dqk]`, `v [B, L, H, dv]`."""
     b, n, _ = x.shape
-    h, dqk, dv = self.num_heads, self.dqk, self.dv
+    h, dqk, dv = self.config.num_heads, self.config.dqk, self.config.dv
     uvqk = jax.nn.silu(self.uvqk(_ln(x)))
     u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
     return u, q.reshape(b, n, h, dqk), k.reshape(b, n, h, dqk), v.reshape(b, n, h, dv)
 
   def bias(self, buckets, rel):
-    return self.rab(buckets, rel) if self.use_rab else None
+    return self.rab(buckets, rel) if self.config.use_rab else None
 
   def combine(self, x, u, attn, *, train: bool):
     b, n = x.shape[:2]
-    a = _ln(attn.reshape(b, n, self.num_heads * self.dv))
+    a = _ln(attn.reshape(b, n, self.config.num_heads * self.config.dv))
     return x + self.out(self.drop(u * a, deterministic=not train))
 
   def __call__(self, x, lengths, buckets, rel, *, num_targets=None, train: bool):
     u, q, k, v = self.project(x)
     attn = hstu_attention(q, k, v, lengths, bias=self.bias(buckets, rel), num_targets=num_targets,
-                          alpha=self.alpha, scale_len=self.scale_len or self.max_len,
-                          impl=self.attention_impl)
+                          alpha=self.config.alpha, scale_len=self.scale_len,
+                          impl=self.config.attention_impl)
     return self.combine(x, u, attn, train=train), (k, v)
 
   def extend(self, x_new, k_cache, v_cache, cache_lengths, buckets_cache, rel_cache, buckets_self,
@@ -101,8 +126,8 @@ class HSTULayer(nn.Module):
     u, q, k, v = self.project(x_new)
     attn = hstu_cached_attention(
         q, k_cache, v_cache, cache_lengths, k, v, bias_cache=self.bias(buckets_cache, rel_cache),
-        bias_self=self.bias(buckets_self, rel_self), alpha=self.alpha,
-        scale_len=self.scale_len or self.max_len)
+        bias_self=self.bias(buckets_self, rel_self), alpha=self.config.alpha,
+        scale_len=self.scale_len)
     return self.combine(x_new, u, attn, train=False)
 
 
@@ -116,31 +141,18 @@ def _ln(x):
 class HSTU(nn.Module):
   """A stack of HSTU layers over `[B, N, d]` right-padded inputs."""
 
-  num_layers: int
-  dim: int
-  num_heads: int
-  dqk: int
-  dv: int
-  max_len: int
-  dropout: float
-  num_buckets: int = 128
-  alpha: float = 1.0
-  scale_len: int | None = None
-  use_rab: bool = True
-  attention_impl: str = "auto"
+  config: HSTUConfig
 
   def setup(self):
-    self.layers = [HSTULayer(self.dim, self.num_heads, self.dqk, self.dv, self.max_len,
-                             self.dropout, self.num_buckets, self.alpha, self.scale_len,
-                             self.use_rab, self.attention_impl) for _ in range(self.num_layers)]
+    self.layers = [HSTULayer(self.config) for _ in range(self.config.num_layers)]
 
   def __call__(self, x, lengths, timestamps, query_times, *, positions=None, num_targets=None,
                train: bool, return_cache: bool = False):
     n = x.shape[1]
     if positions is None:  # one [1, N, N] table shared by the batch
       positions = jnp.arange(n, dtype=jnp.int32)[None]
-    buckets = time_buckets(timestamps, query_times, self.num_buckets)
-    rel = relative_positions(positions, positions, self.max_len)
+    buckets = time_buckets(timestamps, query_times, self.config.num_buckets)
+    rel = relative_positions(positions, positions, self.config.max_len)
     cache = []
     for layer in self.layers:
       x, kv = layer(x, lengths, buckets, rel, num_targets=num_targets, train=train)
@@ -153,10 +165,11 @@ class HSTU(nn.Module):
     """Outputs of new target rows given `cache` from `__call__(..., return_cache=True)` over a
     history of `cache_lengths` tokens (`timestamps`, `positions` of the history).
     `new_times` are the targets' query (and key) times, `new_positions` their position."""
-    buckets_cache = time_buckets(timestamps, new_times, self.num_buckets)
-    rel_cache = relative_positions(new_positions, positions, self.max_len)
+    c = self.config
+    buckets_cache = time_buckets(timestamps, new_times, c.num_buckets)
+    rel_cache = relative_positions(new_positions, positions, c.max_len)
     buckets_self = jnp.zeros(new_times.shape, jnp.int32)  # a target against itself: dt = 0
-    rel_self = jnp.full(new_times.shape, self.max_len - 1, jnp.int32)
+    rel_self = jnp.full(new_times.shape, c.max_len - 1, jnp.int32)
     for layer, (k, v) in zip(self.layers, cache):
       x_new = layer.extend(x_new, k, v, cache_lengths, buckets_cache, rel_cache, buckets_self, rel_self)
     return x_new

@@ -5,31 +5,34 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from fmx.models.embeddings import ItemEmbedding, PositionalInput, l2_normalize
-from fmx.models.hstu import HSTU
+from fmx.models.hstu import HSTU, HSTUConfig
 from fmx.models.sasrec import SASRec
+
+ENCODERS = ("hstu", "sasrec")
 
 
 class SequentialRetrieval(nn.Module):
-  """`__call__(ids, lengths, timestamps, query_times) -> [B, N, d]` normalised query embeddings."""
+  """`__call__(ids, lengths, timestamps, query_times) -> [B, N, d]` normalised query embeddings.
 
-  config: ml_collections.ConfigDict  # the `model` sub-config
+  `encoder` "sasrec" reads only the stack's layers, width, heads and dropout from `config`."""
+
+  config: HSTUConfig
   vocab_size: int
+  encoder_name: str = "hstu"
+  input_dropout: float = 0.0  # on item + position embeddings
 
   def setup(self):
     c = self.config
     self.items = ItemEmbedding(self.vocab_size, c.dim)
-    self.inputs = PositionalInput(c.max_len, c.dim, c.input_dropout)
-    if c.encoder == "hstu":
-      self.encoder = HSTU(c.num_layers, c.dim, c.num_heads, c.dqk, c.dv, c.max_len, c.dropout,
-                          c.num_time_buckets, c.alpha, c.get("scale_len") or None, c.use_rab,
-                          c.attention_impl)
-    elif c.encoder == "sasrec":
+    self.inputs = PositionalInput(c.max_len, c.dim, self.input_dropout)
+    if self.encoder_name == "hstu":
+      self.encoder = HSTU(c)
+    elif self.encoder_name == "sasrec":
       self.encoder = SASRec(c.num_layers, c.dim, c.num_heads, c.dropout)
     else:
-      raise ValueError(f"model.encoder={c.encoder!r}: expected 'hstu' or 'sasrec'")
+      raise ValueError(f"model.encoder={self.encoder_name!r}: expected one of {ENCODERS}")
 
   def __call__(self, ids, lengths, timestamps, query_times, *, train: bool = False):
     x = self.inputs(self.items(ids), lengths, train=train)

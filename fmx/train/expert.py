@@ -2,8 +2,8 @@
 knowledge (arXiv 2508.02929).
 
 `train_and_evaluate(config, workdir)` reads the TAE store rows of one FM version
-(`config.tae`), materialising them first through the logging tier if the store lacks that
-version and `tae.fm_workdir` names the FM. It then trains the expert of every surface in
+(`config.tae`), written beforehand by the logging tier (`fmx/configs/logging_tier.py`). It
+then trains the expert of every surface in
 `workdir/<surface>` (checkpointed, resumable) on that surface's tasks, the FM-unseen one
 included. The loss is the MTML BCE, plus `kd_weight` times the BCE against the FM's predictions
 as soft targets (real-time knowledge distillation, on the tasks the FM knows). The epoch is
@@ -14,7 +14,8 @@ The expert never calls the FM: its inputs are arrays.
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import json
 import os
 import time
 
@@ -22,46 +23,38 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from fmx.data import expert_examples, tae_store
+from fmx.data import expert_examples, load as data_load, tae_store
+from fmx.data.items import item_table
+from fmx.data.source import EpochSource
+from fmx.models.embeddings import padded_vocab
 from fmx.models.expert import Expert
-from fmx.train import fm as fm_train, losses, metrics, reporting
-from fmx.train.loop import TrainState, make_optimizer, padded_vocab, train_loop
+from fmx.models.foundation import probabilities
+from fmx.models.hstu import HSTUConfig
+from fmx.train import losses, metrics, reporting
+from fmx.train.loop import require_finite, train_loop
+from fmx.train.state import gradient_step, init_state, make_optimizer
 
 
-def fm_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
-  """The config of the FM run in `c.tae.fm_workdir` (None if unset), checked to be on the
-  expert's data."""
-  if not c.tae.fm_workdir:
-    return None
-  if not os.path.isfile(os.path.join(c.tae.fm_workdir, "results.json")):
-    raise tae_store.StoreError(f"{c.tae.fm_workdir}/results.json is missing: that FM has not "
-                               "finished training (python -m fmx.main --config=fmx/configs/ml1m_fm.py ...)")
-  fm = ml_collections.ConfigDict(reporting.read_results(c.tae.fm_workdir)["config"])
-  same = fm.input.dataset == c.input.dataset and (
-      c.input.dataset != "synthetic" or fm.input.synthetic.to_dict() == c.input.synthetic.to_dict())
-  if not same:
-    raise ValueError(f"the FM in {c.tae.fm_workdir} was trained on {fm.input.dataset} "
-                     f"{fm.input.synthetic.to_dict()}, the expert reads {c.input.dataset} "
-                     f"{c.input.synthetic.to_dict()}: set --config.input.* to match the FM")
-  return fm
-
-
-def ensure_taes(c: ml_collections.ConfigDict, load_data) -> None:
-  """Materialises `c.tae.fm_version` from `c.tae.fm_workdir` if the store does not hold it;
-  fails before `load_data()` is called if neither can provide it."""
+def check_store(c: ml_collections.ConfigDict) -> dict:
+  """The store metadata of `c.tae.fm_version`, checked to come from the expert's dataset;
+  fails before any data is read if the version is missing."""
   t = c.tae
-  fm = fm_config(c)
-  if t.fm_version in tae_store.versions(t.store):
-    return
-  if fm is None:
+  if t.fm_version not in tae_store.versions(t.store):
     raise tae_store.StoreError(
-        f"{t.store}: no TAEs of FM version {t.fm_version!r}; set --config.tae.fm_workdir to a "
-        "trained FM's workdir to materialise them, or point tae.store at a materialised store")
-  from fmx.hypercast import logging_tier  # the logging tier, not the expert, runs the FM
-  logging_tier.materialise(fm, t.fm_workdir, t.store, t.fm_version, load_data(),
-                           splits=("valid", "test"))
+        f"{t.store}: no TAEs of FM version {t.fm_version!r} (versions present: "
+        f"{tae_store.versions(t.store)}); materialise them with the logging tier first: "
+        "python -m fmx.main --config=fmx/configs/logging_tier.py:<dataset> "
+        f"--config.fm_workdir=<FM workdir> --config.store={t.store} "
+        f"--config.fm_version={t.fm_version} --workdir=<dir>")
+  meta = tae_store.version_meta(t.store, t.fm_version)
+  want = {"dataset": c.input.dataset,
+          "synthetic": c.input.synthetic.to_dict() if c.input.dataset == "synthetic" else None}
+  have = {k: meta.get(k) for k in want}
+  if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+    raise tae_store.StoreError(f"{t.store}: FM version {t.fm_version!r} was materialised from "
+                               f"{have}, the expert reads {want}: set --config.input.* to match")
+  return meta
 
 
 def _full(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
@@ -70,36 +63,30 @@ def _full(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
   return out
 
 
-def train_surface(c, workdir, data, parts, surface, items, vocab) -> dict:
+def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: str) -> dict:
   """Trains the expert of `surface` and returns its metrics at the selected epoch."""
   spec = data.spec
   tasks = np.flatnonzero(spec.valid[surface])
-  model = Expert(c.model, vocab, len(tasks))
+  model = Expert(HSTUConfig.from_model_config(c.model, max_len=c.input.short_len + 1), vocab,
+                 len(tasks), c.model.carrier)
   tx = make_optimizer(c.optimizer)
   weights = jnp.asarray(spec.weights[tasks], jnp.float32)
   kd_mask = jnp.asarray(spec.fm_tasks[tasks])
   dummy = {k: v[:1] for k, v in parts["fit"].items() if k in expert_examples.MODEL_KEYS}
 
   def init(rng):
-    params = model.init(rng, dummy, items)["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return init_state(model.init(rng, dummy, items)["params"], tx)
+
+  def loss_fn(params, batch, rng):
+    logits = model.apply({"params": params}, batch, items, train=True, rngs={"dropout": rng})
+    loss, per_task, kd = losses.distilled_bce(logits, batch["labels"], batch["label_valid"],
+                                              weights, batch["fm_probs"], kd_mask, c.kd_weight)
+    return loss, {"kd": kd, **{f"bce/{spec.tasks[t]}": per_task[i] for i, t in enumerate(tasks)}}
 
   def train_step(state, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
+    return gradient_step(state, tx, loss_fn, batch, rng)
 
-    def loss_fn(params):
-      logits = model.apply({"params": params}, batch, items, train=True, rngs={"dropout": rng})
-      loss, per_task, kd = losses.distilled_bce(logits, batch["labels"], batch["label_valid"],
-                                                weights, batch["fm_probs"], kd_mask, c.kd_weight)
-      return loss, (per_task, kd)
-
-    (loss, (per_task, kd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    scalars = {"loss": loss, "kd": kd, "grad_norm": optax.tree.norm(grads)}
-    scalars.update({f"bce/{spec.tasks[t]}": per_task[i] for i, t in enumerate(tasks)})
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), scalars
-
-  predict = jax.jit(lambda p, b: jax.nn.sigmoid(model.apply({"params": p}, b, items)))
+  predict = jax.jit(lambda p, b: probabilities(model.apply({"params": p}, b, items)))
 
   def evaluate(params, epoch):
     out = {}
@@ -107,56 +94,61 @@ def train_surface(c, workdir, data, parts, surface, items, vocab) -> dict:
       ex = parts[split]
       probs = np.concatenate([np.asarray(predict(params, b))
                               for b in expert_examples.eval_batches(ex, c.evals.batch_size)])[:len(ex["cand"])]
+      require_finite(probs, "predictions")
       m = metrics.surface_task_metrics(
           _full(probs, tasks, spec.num_tasks), _full(ex["labels"], tasks, spec.num_tasks),
           _full(ex["label_valid"], tasks, spec.num_tasks), np.full(len(probs), surface), spec)
-      m["ne_mean"] = float(np.mean([v for k, v in m.items() if k.startswith("ne/")]))
+      m["ne_mean"] = metrics.ne_mean(m)
       out.update({prefix + k: v for k, v in m.items()})
     return out
 
   batches, steps = expert_examples.train_batches(parts["fit"], c.input.batch_size, c.seed,
                                                  c.num_epochs)
-  _, final, report = train_loop(c, workdir, init=init, train_step=train_step, batches=batches,
-                                steps_per_epoch=steps, evaluate=evaluate,
+  _, final, report = train_loop(c, workdir, init=init, train_step=train_step,
+                                source=EpochSource(batches, steps), evaluate=evaluate,
                                 select=("valid/ne_mean", "min"),
-                                desc=f"{data.name} expert {spec.surfaces[surface]} {c.model.carrier}")
+                                desc=f"{data.name} expert {spec.surfaces[surface]} {c.model.carrier}",
+                                fingerprint=fingerprint)
   report.close()
   return final
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c, t0 = config, time.time()
-  load_data = functools.cache(lambda: fm_train.load_data(c.input))
-  ensure_taes(c, load_data)  # fails fast, before the data are read, if no TAEs can be had
-  data = load_data()
+  store_meta = check_store(c)  # fails fast, before the data are read, if no TAEs can be had
+  data = data_load.load(c.input, "surfaces")
   spec = data.spec
   rows = expert_examples.load_rows(c.tae.store, c.tae.fm_version)
+  fingerprint = hashlib.sha256((data_load.fingerprint(data) + json.dumps(
+      store_meta.get("shards", []), sort_keys=True)).encode()).hexdigest()
   vocab = padded_vocab(data.num_items, c.mesh.model)
-  items = fm_train.item_table(data, vocab)
+  items = item_table(data, vocab)
   names = list(c.surfaces) or list(spec.surfaces)
   unknown = set(names) - set(spec.surfaces)
   if unknown:
     raise ValueError(f"surfaces {sorted(unknown)} are not in {data.name}: expected {spec.surfaces}")
-  results, steps = {}, 0
+  results, steps, changes = {}, 0, []
   for name in names:
     s = spec.surfaces.index(name)
     ex = expert_examples.surface_examples(data, rows, s, c.input.short_len)
     parts = expert_examples.partition(ex, c.input.select_fraction)
-    final = train_surface(c, os.path.join(workdir, name), data, parts, s, items, vocab)
+    final = train_surface(c, os.path.join(workdir, name), data, parts, s, items, vocab, fingerprint)
     results.update({k: v for k, v in final.items() if k.startswith(("ne/", "auc/", "calibration/",
                                                                      "count/"))})
     results[f"epoch/{name}"], steps = final["epoch"], steps + final["steps"]
+    changes += [{"surface": name, **ch} for ch in final["config_changes"]]
   test = rows["split"] == tae_store.SPLIT_IDS["test"]
   one_stage = metrics.surface_task_metrics(rows["fm_probs"][test], rows["labels"][test],
                                            rows["label_valid"][test], rows["surface"][test], spec,
                                            spec.fm_tasks)
   results.update({f"fm/{k}": v for k, v in one_stage.items()
                   if k.split("/")[1] in names})
-  results["ne_mean"] = float(np.mean([v for k, v in results.items() if k.startswith("ne/")]))
+  results["ne_mean"] = metrics.ne_mean(results)
   results.update(dataset=data.name, carrier=c.model.carrier, kd_weight=c.kd_weight,
                  fm_version=c.tae.fm_version, surfaces=names, tasks=list(spec.tasks),
                  fm_tasks=[t for t, m in zip(spec.tasks, spec.fm_tasks) if m],
                  selected_by="valid/ne_mean on held-out users (best epoch)",
-                 wall_s=round(time.time() - t0, 2), steps=steps, config=c.to_dict())
+                 wall_s=round(time.time() - t0, 2), steps=steps, config=c.to_dict(),
+                 config_changes=changes)
   reporting.write_results(workdir, results)
   return results

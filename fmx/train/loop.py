@@ -1,56 +1,126 @@
-"""The training loop every job shares: mesh and shardings, jitted train step with donation,
-Orbax checkpoints with the stream position, periodic evaluation, best-epoch selection, progress
-with ETA on stderr, metrics.jsonl and TensorBoard."""
+"""The training loop every job shares, over a seekable source (`fmx.data.source`).
+
+It jits the train step over the mesh with donation, checkpoints the state together with the
+source position and the run's config in one verified Orbax checkpoint (at every epoch end,
+every `checkpoint_every_steps`, on SIGINT/SIGTERM and at the end), evaluates every
+`evals.every_epochs` epochs and/or `evals.every_steps` steps, keeps the best evaluation, and
+reports progress with an ETA, metrics.jsonl and TensorBoard. A run never lies: a non-finite
+loss or score stops it before anything is saved; a resumed run checks the config and data
+that produced its checkpoint and rewinds metrics.jsonl to the restored step.
+"""
 
 from __future__ import annotations
 
-import math
+import contextlib
+import json
+import os
+import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
-import flax
-import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
-import optax
+import numpy as np
 import tqdm
 
-from fmx.train import checkpoint, reporting, sharding
+from fmx.configs import common
+from fmx.runtime import checkpoint
+from fmx.train import reporting, sharding
+from fmx.train.state import TrainState
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
+class RunError(RuntimeError):
+  """A run that must stop; the message says why and what to do (exit 2, no traceback)."""
 
 
-def padded_vocab(num_items: int, shards: int = 1) -> int:
-  """Item table rows: padding row 0 + items, rounded up to a multiple of 8 that `shards`
-  (the mesh's `model` axis, over which the rows are split) divides evenly."""
-  multiple = math.lcm(8, shards)
-  return -(-(num_items + 1) // multiple) * multiple
+class NonFiniteError(RunError):
+  pass
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW from the `optimizer` sub-config, with an optional linear warm-up."""
-  schedule = optax.warmup_constant_schedule(0.0, c.lr, c.warmup_steps) if c.warmup_steps else c.lr
-  return optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+class Stopped(RunError):
+  """SIGINT/SIGTERM: the state was checkpointed; the message says where to resume."""
 
 
-def train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable, train_step: Callable,
-               batches: grain.MapDataset, steps_per_epoch: int, evaluate: Callable,
-               select: tuple[str, str] | None, desc: str):
-  """Trains `c.num_epochs` epochs (resuming from `workdir`) and returns (state, final, reporter).
+def require_finite(values, what: str) -> None:
+  """Raises `NonFiniteError` if `values` (an array or scalar) holds NaN or inf."""
+  bad = ~np.isfinite(np.asarray(values, np.float64))
+  if bad.any():
+    raise NonFiniteError(f"{int(bad.sum())} non-finite {what}")
 
-  `init(rng) -> TrainState`; `train_step(state, batch, rng) -> (state, scalars)`;
-  `evaluate(params, epoch) -> {name: value}` runs every `c.evals.every_epochs` and at the end;
-  `select = (metric, "max" | "min")` picks the reported epoch (None: the last one). `final` is
-  that evaluation plus its `epoch`.
+
+def fault_point(name: str, step: int) -> None:
+  """Test hook: `FMX_FAULT=name:step` kills this process with SIGKILL at that moment."""
+  if os.environ.get("FMX_FAULT") == f"{name}:{step}":
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Turns the first SIGINT/SIGTERM into a request (a list that gets the signal's name) that
+  the loop honours after the current step; a second one interrupts at once."""
+  requested: list[str] = []
+  previous = {}
+
+  def handler(signum, frame):
+    if requested:
+      signal.signal(signum, previous[signum])
+      raise KeyboardInterrupt
+    requested.append(signal.Signals(signum).name)
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    previous[sig] = signal.signal(sig, handler)
+  try:
+    yield requested
+  finally:
+    for sig, h in previous.items():
+      signal.signal(sig, h)
+
+
+def _plain(c: ml_collections.ConfigDict) -> dict:
+  return json.loads(json.dumps(c.to_dict()))
+
+
+def check_resume(c, workdir: str, step: int, meta: dict, abstract: dict, fingerprint: str) -> dict:
+  """Compares the checkpoint's config, shapes and data with this run's. Returns the changes
+  accepted by `resume_anyway`; raises `RunError` naming the keys otherwise."""
+  old, new = common.flatten(meta.get("config", {})), common.flatten(_plain(c))
+  changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)}
+  listing = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items()) or "none"
+  saved_shapes = meta.get("shapes", {})
+  for item, tree in abstract.items():
+    now = checkpoint.shapes(tree)
+    if saved_shapes.get(item) != now:
+      path = next((p for p in now if saved_shapes.get(item, {}).get(p) != now[p]), item)
+      raise RunError(f"{workdir}: its checkpoint (step {step}) has other shapes than this config "
+                     f"({item}{path}: {saved_shapes.get(item, {}).get(path)} vs {now.get(path)}); "
+                     f"changed config: {listing}. Use a fresh --workdir for a new model.")
+  blocking = {k: v for k, v in changed.items() if not k.startswith(common.RESUMABLE_CHANGES)}
+  if meta.get("fingerprint", fingerprint) != fingerprint:
+    blocking["data"] = (meta["fingerprint"][:12], fingerprint[:12])
+  if blocking and not c.get("resume_anyway", False):
+    what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in blocking.items())
+    raise RunError(f"{workdir} was trained (to step {step}) with {what}: rerun with the same "
+                   "values, use a fresh --workdir, or add --config.resume_anyway=True")
+  return blocking
+
+
+def train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
+               train_step: Callable, source, evaluate: Callable,
+               select: tuple[str, str] | None, desc: str, fingerprint: str = ""):
+  """Trains over `source` (resuming from `workdir`) and returns (state, final, reporter).
+
+  `init(rng) -> TrainState`; `train_step(state, batch, rng) -> (state, scalars)` with a
+  `loss`; `evaluate(params, epoch) -> {name: value}`; `select = (metric, "max" | "min")` picks
+  the reported evaluation (None: the last). `final` is that evaluation plus `epoch`, `wall_s`,
+  `steps` and `config_changes` (what `resume_anyway` let change). `fingerprint` identifies
+  the training data.
   """
   t0 = time.time()
-  total_steps = steps_per_epoch * c.num_epochs
+  per_epoch = source.steps_per_epoch
+  total = source.total_steps if source.total_steps is not None else sys.maxsize
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(c.seed))
   abstract = jax.eval_shape(init, init_rng)
@@ -58,53 +128,117 @@ def train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable, tr
   step_fn = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh),
                                               sharding.replicated(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  ckpt = checkpoint.Checkpointer(workdir)
-  restored = ckpt.restore(checkpoint.abstract_like(abstract, state_sh))
-  if restored is None:
-    state, meta = jax.jit(init, out_shardings=state_sh)(init_rng), {"best": None}
-  else:
-    state, meta = restored
-    print(f"fmx: resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
-  report = reporting.RunReporter(workdir)
+  wanted = checkpoint_items(checkpoint_abstract(abstract, state_sh))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  accepted = {}
 
-  def run_eval(epoch: int) -> dict:
-    out = evaluate(state.params, epoch)
-    report.evaluation(int(state.step), epoch, time.time() - t0, out)
+  def check(step, meta):
+    accepted.update(check_resume(c, workdir, step, meta, wanted, fingerprint))
+    return wanted
+
+  restored = ckpt.restore(check)
+  if restored is None:
+    state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    meta = {"best": None, "latest": None, "position": source.start(), "config_changes": []}
+  else:
+    step, items, meta = restored
+    state = TrainState(items["train"]["step"], items["params"], items["train"]["opt_state"])
+    if accepted:
+      meta["config_changes"].append({"step": step, "changed": accepted})
+      checkpoint.warn(f"resuming despite changes: {accepted}")
+    print(f"fmx: resumed from step {step} in {workdir}", file=sys.stderr)
+  step = int(state.step)
+  report = reporting.RunReporter(workdir, resume_step=step)
+  epoch_of = (lambda s: s // per_epoch) if per_epoch else (lambda s: 0)
+  pending: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked
+
+  def check_losses():
+    if pending:
+      losses = np.asarray(jnp.stack([l for _, l in pending]))
+      bad = np.flatnonzero(~np.isfinite(losses))
+      if bad.size:
+        raise NonFiniteError(
+            f"non-finite training loss ({losses[bad[0]]}) at step {pending[bad[0]][0]}; the run "
+            f"stopped without saving it (last checkpoint: {ckpt.steps()[:1] or 'none'}). Lower "
+            "--config.optimizer.lr or fix the loss settings, then rerun")
+      pending.clear()
+
+  def run_eval():
+    check_losses()
+    try:
+      out = evaluate(state.params, epoch_of(step))
+    except NonFiniteError as e:
+      raise NonFiniteError(f"evaluation at step {step}: {e}; the run stopped without saving "
+                           "this state. Lower --config.optimizer.lr or fix the loss settings") from None
+    report.evaluation(step, epoch_of(step), time.time() - t0, out)
+    meta["latest"] = {"step": step, "epoch": epoch_of(step), **out}
     if select is not None:
       key, mode = select
       best = meta["best"]
       if best is None or (out[key] > best[key] if mode == "max" else out[key] < best[key]):
-        meta["best"] = {"epoch": epoch, **out}
+        meta["best"] = dict(meta["latest"])
     return out
 
-  start = int(state.step)
-  stream = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-  bar = tqdm.tqdm(total=total_steps, initial=start, desc=desc, unit="step", file=sys.stderr,
-                  dynamic_ncols=True, mininterval=2.0, disable=not c.progress)
-  latest, epoch_t = None, time.time()
-  for step, batch in zip(range(start, total_steps), stream):
-    state, scalars = step_fn(state, batch, train_rng)
-    bar.update(1)
-    if (step + 1) % c.log_every_steps == 0:
-      scalars = {k: float(v) for k, v in scalars.items()}
-      bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-      report.scalars(step + 1, {f"train/{k}": v for k, v in scalars.items()})
-    if (step + 1) % steps_per_epoch == 0:
-      epoch = (step + 1) // steps_per_epoch
-      report.scalars(step + 1, {"train/epoch_seconds": time.time() - epoch_t})
-      if epoch % c.evals.every_epochs == 0 or epoch == c.num_epochs:
-        latest = run_eval(epoch)
-        shown = [k for k in latest if k in c.evals.show]
-        bar.write(f"epoch {epoch}: " + " ".join(f"{k}={latest[k]:.4f}" for k in shown))
-      ckpt.save(step + 1, state, meta)
-      epoch_t = time.time()
-  bar.close()
-  ckpt.close()
-  if latest is None:  # resumed after the last step: evaluate the restored state once
-    latest = run_eval(int(state.step) // steps_per_epoch)
-  if select is not None and meta["best"]:
-    final = meta["best"]
-  else:
-    final = {"epoch": int(state.step) // steps_per_epoch, **latest}
-  final = {**final, "wall_s": round(time.time() - t0, 2), "steps": int(state.step)}
+  def save():
+    check_losses()
+    ckpt.save(step, checkpoint_items(state), {**meta, "config": _plain(c),
+                                               "fingerprint": fingerprint})
+    fault_point("checkpoint", step)
+
+  bar = tqdm.tqdm(total=None if total == sys.maxsize else total, initial=step, desc=desc,
+                  unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=2.0,
+                  disable=not c.progress)
+  epoch_t, first = time.time(), True
+  with stop_requests() as stop, contextlib.closing(ckpt):
+    for batch, position in (source.iterate(meta["position"]) if step < total else ()):
+      fault_point("compile" if first else "step", step)
+      first = False
+      state, scalars = step_fn(state, batch, train_rng)
+      step, meta["position"] = step + 1, position
+      pending.append((step, scalars["loss"]))
+      bar.update(1)
+      if step % c.log_every_steps == 0:
+        check_losses()
+        values = {k: float(v) for k, v in scalars.items()}
+        bar.set_postfix(loss=f"{values['loss']:.4f}")
+        report.scalars(step, {f"train/{k}": v for k, v in values.items()})
+      epoch_end = bool(per_epoch) and step % per_epoch == 0
+      if epoch_end:
+        report.scalars(step, {"train/epoch_seconds": time.time() - epoch_t})
+        epoch_t = time.time()
+      if ((epoch_end and (epoch_of(step) % c.evals.every_epochs == 0 or step == total))
+          or (c.evals.get("every_steps", 0) and step % c.evals.every_steps == 0)):
+        out = run_eval()
+        bar.write(f"step {step} (epoch {epoch_of(step)}): "
+                  + " ".join(f"{k}={out[k]:.4f}" for k in out if k in c.evals.show))
+        fault_point("after_eval", step)
+      every = c.get("checkpoint_every_steps", 0)
+      if epoch_end or (every and step % every == 0) or step == total or stop:
+        save()
+      if stop:
+        break
+      if step >= total:
+        break
+    bar.close()
+    check_losses()
+    if stop:
+      raise Stopped(f"stopped by {stop[0]} at step {step}; checkpoint saved in "
+                    f"{workdir}/checkpoints: rerun the same command to resume")
+    if meta["latest"] is None or meta["latest"]["step"] != step:  # no evaluation of this state
+      run_eval()
+      save()
+  final = dict(meta["best"] if select is not None and meta["best"] else meta["latest"])
+  final.pop("step", None)
+  final.update(wall_s=round(time.time() - t0, 2), steps=step,
+               config_changes=meta["config_changes"])
   return state, final, report
+
+
+def checkpoint_items(state: TrainState) -> dict:
+  """The checkpoint items of a state: `params` alone (what a pinned FM restores) and `train`."""
+  return {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state}}
+
+
+def checkpoint_abstract(abstract: TrainState, shardings: TrainState) -> TrainState:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)

@@ -14,8 +14,10 @@ def target_ranks(scores: jax.Array, targets: jax.Array, seen: jax.Array, num_ite
     scores: `[B, V]` with `V >= num_items + 1` (column 0 and columns > num_items are ignored).
     targets: `[B]` item ids. seen: `[B, S]` previously consumed item ids (0 = padding); they
       are excluded, except the target itself should it repeat an earlier item.
-  Ties are broken by item id (a tied item with a smaller id ranks first).
+  Ties are broken by item id (a tied item with a smaller id ranks first). A NaN score counts
+  as -inf, so a NaN target ranks last, never first.
   """
+  scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
   b, v = scores.shape
   ids = jnp.arange(v)[None, :]
   excluded = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], seen].set(True)
@@ -55,6 +57,11 @@ def auc(probs: np.ndarray, labels: np.ndarray) -> float:
   _, inverse, counts = np.unique(np.asarray(probs), return_inverse=True, return_counts=True)
   ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # average 1-based ranks
   return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def ne_mean(m: dict[str, float]) -> float:
+  """Mean of the `ne/...` entries of a metrics dict."""
+  return float(np.mean([v for k, v in m.items() if k.startswith("ne/")]))
 
 
 def surface_task_metrics(probs, labels, valid, surfaces, spec, tasks=None) -> dict[str, float]:

@@ -8,14 +8,24 @@ import time
 
 import tensorboardX
 
+from fmx import files
+
 
 class RunReporter:
+  """Writes one run's reports. `resume_step` rewinds them to a restored checkpoint: rows of
+  metrics.jsonl past it are dropped and TensorBoard hides events past it, so no row repeats."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
     os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
     self.start = time.time()
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = [line for line in f if _step(line) <= resume_step]
+      files.atomic_write(path, "".join(rows))
+    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step else None)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     for k, v in values.items():
@@ -33,13 +43,18 @@ class RunReporter:
     self.tb.close()
 
 
+def _step(line: str) -> float:
+  """The step of a metrics.jsonl row; a torn last line (a killed write) counts as past any."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
+
+
 def write_results(workdir: str, results: dict) -> str:
-  """Writes `workdir/results.json` atomically (write, then rename)."""
+  """Writes `workdir/results.json` atomically."""
   path = os.path.join(workdir, "results.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  files.atomic_write(path, json.dumps(results, indent=1, sort_keys=True))
   return path
 
 

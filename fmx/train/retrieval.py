@@ -13,17 +13,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from fmx.data import sequences as seqlib
-from fmx.data import movielens, synthetic
+from fmx.data import load as data_load, sequences as seqlib
+from fmx.data.source import EpochSource
+from fmx.models.embeddings import padded_vocab
+from fmx.models.hstu import HSTUConfig
 from fmx.models.sequential import SequentialRetrieval
 from fmx.train import losses, metrics, reporting
-from fmx.train.loop import TrainState, make_optimizer, padded_vocab, train_loop
+from fmx.train.loop import NonFiniteError, train_loop
+from fmx.train.state import TrainState, gradient_step, init_state, make_optimizer
 
 
-def load_data(c: ml_collections.ConfigDict) -> seqlib.UserSequences:
-  if c.dataset == "synthetic":
-    return synthetic.generate(**c.synthetic.to_dict())
-  return movielens.load(c.dataset, c.data_dir, c.manual_dir, c.fetch_wheel)
+def build_model(m: ml_collections.ConfigDict, vocab: int) -> SequentialRetrieval:
+  """The retrieval model of a `model` config section."""
+  return SequentialRetrieval(HSTUConfig.from_model_config(m), vocab, m.encoder, m.input_dropout)
 
 
 def position_norm(data: seqlib.UserSequences, c: ml_collections.ConfigDict) -> float | None:
@@ -50,7 +52,7 @@ class RetrievalTask:
     n = self.config.input.max_len
     z = jnp.zeros((1, n), jnp.int32)
     params = self.model.init(rng, z, jnp.ones((1,), jnp.int32), z, z)["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+    return init_state(params, self.tx)
 
   def loss(self, params, batch, rng):
     c = self.config.loss
@@ -64,15 +66,10 @@ class RetrievalTask:
     embed = lambda ids: self.model.apply({"params": params}, ids, method="item_embeddings")
     weights = (jnp.arange(n)[None, :] < batch["lengths"][:, None]).astype(jnp.float32)
     return losses.sampled_softmax(query, embed(batch["targets"]), embed(neg_ids), batch["targets"],
-                                  neg_ids, weights, c.temperature, self.position_norm)
+                                  neg_ids, weights, c.temperature, self.position_norm), {}
 
   def train_step(self, state: TrainState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    loss, grads = jax.value_and_grad(self.loss)(state.params, batch, rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), {"loss": loss,
-                                                           "grad_norm": optax.tree.norm(grads)}
+    return gradient_step(state, self.tx, self.loss, batch, rng)
 
   def scores(self, params, batch):
     """`[B, V]` cosine scores of every item against the last history position."""
@@ -82,43 +79,43 @@ class RetrievalTask:
     return last @ self.model.apply({"params": params}, method="item_embeddings").T
 
   def eval_ranks(self, params, batch):
-    return metrics.target_ranks(self.scores(params, batch), batch["targets"], batch["seen"],
-                                self.num_items)
+    """(target ranks `[B]`, count of non-finite scores)."""
+    scores = self.scores(params, batch)
+    return (metrics.target_ranks(scores, batch["targets"], batch["seen"], self.num_items),
+            jnp.sum(~jnp.isfinite(scores[:, 1:self.num_items + 1])))
 
 
 def evaluate_ranks(rank_fn, params, arrays, batch_size: int, buckets=(), max_len=0) -> np.ndarray:
-  """Ranks of every row of `arrays`, in order. Rows are visited sorted by length so batches can
-  be trimmed to their length bucket; the tail batch is padded by repeating a row."""
-  order = np.argsort(arrays["lengths"], kind="stable")
-  ranks = np.empty(len(order), np.int64)
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-    batch = seqlib.trim({k: v[padded] for k, v in arrays.items()}, buckets, max_len)
-    ranks[rows] = np.asarray(rank_fn(params, batch))[: len(rows)]
+  """Ranks of every row of `arrays`, in order; stops on a non-finite score."""
+  ranks = np.empty(len(arrays["lengths"]), np.int64)
+  for rows, batch in seqlib.eval_batches(arrays, batch_size, buckets, max_len):
+    r, nonfinite = rank_fn(params, batch)
+    if int(nonfinite):
+      raise NonFiniteError(f"{int(nonfinite)} non-finite scores")
+    ranks[rows] = np.asarray(r)[: len(rows)]
   return ranks
 
 
 def popularity_metrics(data, protocol, split_arrays, ks, batch_size) -> dict[str, float]:
   """The most-popular baseline ranked under exactly the same protocol."""
   counts = jnp.asarray(seqlib.train_item_counts(data, protocol), jnp.float32)
-  fn = jax.jit(lambda _, b: metrics.target_ranks(
+  fn = jax.jit(lambda _, b: (metrics.target_ranks(
       jnp.broadcast_to(counts, (b["targets"].shape[0], counts.shape[0])), b["targets"], b["seen"],
-      data.num_items))
+      data.num_items), 0))
   ranks = evaluate_ranks(fn, None, split_arrays, batch_size)
   return {f"{k}_popular": v for k, v in metrics.ranking_metrics(ranks, ks).items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c = config
-  data = load_data(c.input)
+  data = data_load.load(c.input, "sequences")
   protocol, n = c.input.protocol, c.input.max_len
   ks = tuple(c.evals.ks)
   buckets = tuple(c.input.length_buckets)
   batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
                                                   c.num_epochs, buckets, c.input.sort_chunk)
   vocab = padded_vocab(data.num_items, c.mesh.model)
-  task = RetrievalTask(c, SequentialRetrieval(c.model, vocab),
+  task = RetrievalTask(c, build_model(c.model, vocab),
                        make_optimizer(c.optimizer), data.num_items, position_norm(data, c))
   splits = ["test"] + (["valid"] if protocol == "validation" else [])
   eval_arrays = {s: seqlib.eval_arrays(data, protocol, s, n) for s in splits}
@@ -133,10 +130,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return out
 
   _, final, report = train_loop(
-      c, workdir, init=task.init, train_step=task.train_step, batches=batches,
-      steps_per_epoch=steps_per_epoch, evaluate=evaluate,
+      c, workdir, init=task.init, train_step=task.train_step,
+      source=EpochSource(batches, steps_per_epoch), evaluate=evaluate,
       select=("valid/ndcg@10", "max") if protocol == "validation" else None,
-      desc=f"{c.input.dataset} {c.model.encoder}")
+      desc=f"{c.input.dataset} {c.model.encoder}", fingerprint=data_load.fingerprint(data))
   results = {
       **final,
       **popularity_metrics(data, protocol, eval_arrays["test"], ks, c.evals.batch_size),

@@ -85,13 +85,13 @@ def test_kernels_skip_exactly_the_empty_tiles(impl):
 
 def test_model_gradient_through_pallas_matches_xla():
   from fmx.configs import retrieval as retrieval_configs
-  from fmx.models.sequential import SequentialRetrieval
+  from fmx.train.retrieval import build_model
 
   def grads(impl):
     c = retrieval_configs.get_config("synthetic", "hstu", "runlocal")
     c.model.max_len, c.model.num_heads, c.model.dqk, c.model.dv = 20, 2, 8, 8
     c.model.attention_impl = impl
-    model = SequentialRetrieval(c.model, vocab_size=32)
+    model = build_model(c.model, vocab=32)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(1, 32, (3, 20)), jnp.int32)
     ts = jnp.asarray(np.sort(rng.integers(0, 10**6, (3, 21)), axis=1))

@@ -2,16 +2,15 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from fmx.models.expert import Expert
+from fmx.models.hstu import HSTUConfig
 
 
 def _setup(carrier):
-  c = ml_collections.ConfigDict(dict(dim=16, num_layers=1, num_heads=1, dqk=8, dv=8, dropout=0.0,
-                                     carrier=carrier))
+  c = HSTUConfig(num_layers=1, dim=16, num_heads=1, dqk=8, dv=8, max_len=6, dropout=0.0)
   rng = np.random.default_rng(0)
   b, t, d_fm = 3, 5, 12
   batch = {"ids": jnp.asarray(rng.integers(1, 30, (b, t)), jnp.int32),
@@ -22,7 +21,7 @@ def _setup(carrier):
            "tae": jnp.asarray(rng.normal(size=(b, d_fm)), jnp.float32),
            "ue": jnp.asarray(rng.normal(size=(b, d_fm)), jnp.float32)}
   items = {"genres": jnp.zeros((32, 19)), "content": jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)}
-  model = Expert(c, vocab_size=32, num_tasks=3)
+  model = Expert(c, vocab_size=32, num_tasks=3, carrier=carrier)
   params = model.init(jax.random.PRNGKey(0), batch, items)["params"]
   return model, params, batch, items
 

@@ -8,8 +8,8 @@ import pytest
 
 from fmx.configs import foundation as fm_configs
 from fmx.data import ranking, synthetic_surfaces
-from fmx.models.foundation import MFalcon, history_inputs
-from fmx.train import fm as fm_train
+from fmx.runtime import fm as fm_runtime
+from fmx.runtime.mfalcon import MFalcon, history_inputs
 from fmx.train import losses
 
 
@@ -19,11 +19,10 @@ def setup():
   c = fm_configs.get_config("synthetic", "runlocal")
   c.input.max_history, c.input.num_candidates = 20, 6
   c.model.max_len = 26
-  model, items = fm_train.setup(c, data)
-  init, _, _ = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks.astype(np.float32))
-  state = init(jax.random.PRNGKey(0))
+  model, items = fm_runtime.build(c, data)
+  params = fm_runtime.init_params(c, model, items, jax.random.PRNGKey(0))
   batch = next(ranking.eval_batches(data, "test", 20, 6, batch_size=4))
-  return data, model, state.params, items, batch
+  return data, model, params, items, batch
 
 
 def _tae(model, params, items, batch):

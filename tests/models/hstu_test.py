@@ -8,7 +8,7 @@ import pytest
 
 from fmx.configs import retrieval as retrieval_configs
 from fmx.models import hstu
-from fmx.models.sequential import SequentialRetrieval
+from fmx.train.retrieval import build_model
 
 
 def test_time_buckets_match_official_formula():
@@ -32,7 +32,7 @@ def test_relative_positions_index_the_2n_minus_1_table():
 def model_and_params(request):
   c = retrieval_configs.get_config("synthetic", request.param, "runlocal")
   c.model.max_len = 12
-  model = SequentialRetrieval(c.model, vocab_size=40)
+  model = build_model(c.model, vocab=40)
   z = jnp.zeros((1, 12), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), z, jnp.ones((1,), jnp.int32), z, z)["params"]
   return model, params

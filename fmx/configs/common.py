@@ -1,0 +1,82 @@
+"""What every config family shares: the variant parser, default directories, the fields of a
+run, the knowledge carriers, and the checks a config passes before any data loads.
+
+Plain values only: importing a config imports no fmx data, model or TensorFlow Datasets code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+DEFAULT_DATA_DIR = os.environ.get("FMX_DATA_DIR", "~/.cache/fmx/tfds")  # TFDS data dir
+DEFAULT_MANUAL_DIR = os.environ.get("FMX_MANUAL_DIR", "~/.cache/fmx/raw")  # raw sources
+
+CARRIERS = ("none", "tae", "ue", "tae+ue")  # how an expert receives FM knowledge
+
+# Keys a resumed run may change freely: how long, how often, where and how verbosely it runs.
+# Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
+RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint_every_steps",
+                     "resume_anyway", "evals.", "mesh.", "input.data_dir", "input.manual_dir",
+                     "input.fetch_wheel", "baseline.", "tae.store", "tae.fm_workdir")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key and what to do."""
+
+
+def parse_variant(arg: str | None, allowed, default: str) -> set[str]:
+  """The comma-separated words of a config argument (`:base,runlocal`), each one of `allowed`."""
+  words = {w.strip() for w in (arg or default).split(",") if w.strip()}
+  unknown = words - set(allowed)
+  if unknown:
+    raise ConfigError(f"unknown config variant(s) {sorted(unknown)}; expected words from "
+                      f"{', '.join(allowed)}")
+  return words
+
+
+def add_run_fields(c: ml_collections.ConfigDict, *, job: str, seed: int, num_epochs: int,
+                   log_every_steps: int) -> None:
+  """The top-level fields the training loop reads."""
+  c.job = job  # what fmx.main runs (fmx/jobs.py)
+  c.seed = seed  # parameters, dropout, negatives and shuffling all derive from it
+  c.num_epochs = num_epochs  # passes over the training data
+  c.log_every_steps = log_every_steps  # training scalars to TensorBoard / progress bar
+  c.checkpoint_every_steps = 0  # also checkpoint every N steps (0: at the end of every epoch only)
+  c.progress = True  # tqdm progress bar with ETA on stderr
+  c.resume_anyway = False  # resume although the seed, batch size or data changed
+
+
+POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_size",
+            "evals.every_epochs", "input.max_len", "input.max_history", "input.num_candidates",
+            "input.windows_per_user", "input.short_len", "model.dim", "model.num_layers",
+            "model.num_heads", "model.dqk", "model.dv", "model.max_len", "loss.num_negatives",
+            "baseline.num_epochs")
+NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps")
+
+
+def flatten(c: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+  """`{"a.b": value}` for every leaf."""
+  out = {}
+  for k, v in (c.items() if isinstance(c, dict) else c.to_dict().items()):
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming the first key whose value cannot run."""
+  flat = flatten(c)
+  for key in POSITIVE + NON_NEGATIVE:
+    if key not in flat:
+      continue
+    v, low = flat[key], (1 if key in POSITIVE else 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ConfigError(f"--config.{key}={v!r}: expected an integer >= {low}")
+  for key in ("optimizer.lr", "loss.temperature", "model.dropout"):
+    v = flat.get(key)
+    if v is not None and not (isinstance(v, (int, float)) and v == v and abs(v) != float("inf")):
+      raise ConfigError(f"--config.{key}={v!r}: expected a finite number")

@@ -1,0 +1,20 @@
+"""The one registry of what `python -m fmx.main` can run: `config.job` -> the module whose
+`train_and_evaluate(config, workdir) -> results` runs it. Modules load on use, so a bad flag
+fails before JAX and TensorFlow Datasets are imported."""
+
+from __future__ import annotations
+
+import importlib
+
+JOBS = {
+    "retrieval": "fmx.train.retrieval",  # HSTU / SASRec next-item retrieval
+    "fm": "fmx.train.fm",  # the foundation model (ranking, MTML, TAEs) and its baseline
+    "expert": "fmx.train.expert",  # surface experts on materialised TAEs
+    "logging": "fmx.hypercast.logging_tier",  # materialise an FM checkpoint's TAEs
+}
+
+
+def run(config, workdir: str) -> dict:
+  if config.job not in JOBS:
+    raise KeyError(config.job)
+  return importlib.import_module(JOBS[config.job]).train_and_evaluate(config, workdir)

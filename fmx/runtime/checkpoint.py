@@ -1,0 +1,132 @@
+"""Verified Orbax checkpoints: named pytrees plus JSON metadata, one step directory each.
+
+Every step holds the items given to `save` (e.g. `params`, `train`) and `meta`, a JSON object
+that records, besides what the caller puts there, the sha256 of every item's arrays and their
+shapes. Orbax commits a step by renaming its temporary directory, so a step killed mid-write is
+never listed; `restore` also checks every item it reads against the recorded digest, so flipped
+or truncated bytes are caught. A damaged step is named in a warning and skipped (a writer moves
+it aside to `damaged-<step>`), and the next older step is tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint can be had; the message names the directory and what to do."""
+
+
+class Damaged(Exception):
+  pass
+
+
+def digest(tree) -> str:
+  """sha256 over the dtype, shape and bytes of every leaf, in tree order."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    a = np.asarray(leaf)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def shapes(tree) -> dict[str, list[int]]:
+  return {jax.tree_util.keystr(p): list(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def warn(message: str) -> None:
+  print(f"fmx: warning: {message}", file=sys.stderr)
+
+
+class Checkpointer:
+  """Saves asynchronously into `directory` (keeping `max_to_keep` steps) and restores the
+  newest intact step. `read_only` never writes or moves anything (for readers of another
+  run's checkpoints, such as the logging tier)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
+    self.directory, self.read_only = os.path.abspath(directory), read_only
+    self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=not read_only, read_only=read_only,
+        create=not read_only))
+
+  def steps(self) -> list[int]:
+    """Committed steps, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def save(self, step: int, items: dict, meta: dict) -> None:
+    """Saves asynchronously; an existing `step` is replaced (its metadata changed)."""
+    if step in self.manager.all_steps():
+      self.manager.wait_until_finished()
+      self.manager.delete(step)
+    meta = {**meta, "sha256": {k: digest(v) for k, v in items.items()},
+            "shapes": {k: shapes(v) for k, v in items.items()}}
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+    self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args))
+
+  def read_meta(self, step: int) -> dict:
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # any unreadable metadata is damage  pylint: disable=broad-except
+      raise Damaged(f"unreadable metadata ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
+      raise Damaged("metadata without checksums")
+    return meta
+
+  def read(self, step: int, abstract: dict, meta: dict) -> dict:
+    """The items of `abstract` (trees of ShapeDtypeStructs with shardings), verified."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise Damaged(f"unreadable arrays ({type(e).__name__})") from None
+    for k in abstract:
+      if digest(out[k]) != meta["sha256"].get(k):
+        raise Damaged(f"checksum mismatch in '{k}'")
+    return {k: out[k] for k in abstract}
+
+  def restore(self, abstract, step: int | None = None):
+    """(step, items, meta) of the newest intact step (or exactly `step`); None if there is
+    no step at all. `abstract` is a dict of trees of ShapeDtypeStructs, or a function
+    `(step, meta) -> dict` called before the arrays are read (it may check the meta and raise)."""
+    candidates = self.steps() if step is None else [step]
+    if step is not None and step not in self.manager.all_steps():
+      raise CheckpointError(f"{self.directory}: no checkpoint of step {step} "
+                            f"(steps present: {sorted(self.manager.all_steps())})")
+    damaged = []
+    for s in candidates:
+      try:
+        meta = self.read_meta(s)
+        wanted = abstract(s, meta) if callable(abstract) else abstract
+        return s, self.read(s, wanted, meta), meta
+      except Damaged as e:
+        damaged.append(s)
+        warn(f"checkpoint step {s} in {self.directory} is damaged ({e}); "
+             + ("trying an older step" if s != candidates[-1] else "no older step"))
+        self._set_aside(s)
+    if damaged:
+      raise CheckpointError(f"{self.directory}: no intact checkpoint (damaged steps: {damaged}); "
+                            "move the directory away to start over")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if self.read_only:
+      return
+    src = os.path.join(self.directory, str(step))
+    os.replace(src, os.path.join(self.directory, f"damaged-{step}-{int(time.time())}"))
+    self.manager.reload()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
