@@ -51,9 +51,12 @@ def require_finite(values, what: str) -> None:
 
 
 def fault_point(name: str, step: int) -> None:
-  """Test hook: `FMX_FAULT=name:step` kills this process with SIGKILL at that moment."""
-  if os.environ.get("FMX_FAULT") == f"{name}:{step}":
-    os.kill(os.getpid(), signal.SIGKILL)
+  """Test hook: `FMX_FAULT=name:step[:SIGNAL]` sends this process SIGNAL (default SIGKILL) at
+  that moment: "compile" (before the first step), "step" (after a step), "after_eval" (between
+  an evaluation and its checkpoint), "checkpoint" (while a checkpoint is being written)."""
+  fault = os.environ.get("FMX_FAULT", "").split(":")
+  if fault[:2] == [name, str(step)]:
+    os.kill(os.getpid(), getattr(signal, fault[2] if len(fault) > 2 else "SIGKILL"))
 
 
 @contextlib.contextmanager
