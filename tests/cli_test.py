@@ -1,0 +1,66 @@
+"""Bad input to `python -m fmx.main` ends in one line naming the problem and exit status 2,
+before any data is read; the ML-100K `runlocal` run prints what the README shows."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNLOCAL = "--config=fmx/configs/ml100k_hstu.py:runlocal"
+
+# The ML-100K runlocal metrics as the code before the runtime/loop refactor printed them (commit
+# 225ff06, jax 0.10.2, 2-core x86-64 CPU); the refactor must not change a digit.
+GOLDEN = {"hr@10": 0.13891834570519618, "ndcg@10": 0.07528215268056573,
+          "hr@50": 0.37857900318133614, "ndcg@50": 0.1274170856865719,
+          "hr@200": 0.7168610816542949, "ndcg@200": 0.17857662986651268, "mrr": 0.0714704455404547,
+          "hr@10_popular": 0.08589607635206786, "steps": 180, "epoch": 12}
+
+
+def run(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "fmx.main", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([RUNLOCAL, "--config.model.nonexistent=3"], "unknown config key 'nonexistent'"),
+    (["--config=fmx/configs/nope.py"], "fmx/configs/nope.py: cannot load it"),
+    (["--config=fmx/configs/ml100k_hstu.py:runlocl"], "unknown config variant(s) ['runlocl']"),
+    (["--config=fmx/configs/ml1m_expert.py:tae,ue"], "pick one knowledge carrier"),
+    ([RUNLOCAL, "--config.input.batch_size=0"], "--config.input.batch_size=0: expected an integer >= 1"),
+    ([RUNLOCAL, "--config.evals.every_epochs=0"], "--config.evals.every_epochs=0"),
+    ([RUNLOCAL, "--config.input.batch_size=abc"], "--config.input.batch_size=abc"),
+    ([RUNLOCAL, "--config.optimizer.lr=nan"], "--config.optimizer.lr=nan: expected a finite number"),
+    ([RUNLOCAL, "--config.input.dataset=ml-2m"], "--config.input.dataset='ml-2m'"),
+    ([RUNLOCAL, "--config.job=nope"], "config.job='nope'"),
+    ([RUNLOCAL, "extra"], "unexpected arguments"),
+])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+  p = run(*args, f"--workdir={tmp_path / 'w'}")
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.strip().count("\n") == 0 and needle in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("workdir, needle", [("", "--workdir is empty"),
+                                              ("FILE", "cannot create it"),
+                                              (None, "--workdir is required")])
+def test_unusable_workdir(tmp_path, workdir, needle):
+  (tmp_path / "FILE").write_text("")
+  args = [RUNLOCAL] + ([] if workdir is None else
+                       [f"--workdir={tmp_path / workdir if workdir else ''}"])
+  p = run(*args)
+  assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_ml100k_runlocal_metrics_unchanged(tmp_path, manual_dir, data_dir):
+  import os
+  env = {**os.environ, "FMX_MANUAL_DIR": manual_dir, "FMX_DATA_DIR": data_dir}
+  p = run(RUNLOCAL, f"--workdir={tmp_path}", "--config.progress=False", env=env)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads((tmp_path / "results.json").read_text())
+  assert {k: r[k] for k in GOLDEN} == GOLDEN
+  assert p.stdout.startswith("step 60 (epoch 4): hr@10=0.0976 ndcg@10=0.0494\n")
+  assert ("results: hr@10=0.1389 hr@10_popular=0.0859 mrr=0.0715 mrr_popular=0.0416 "
+          "ndcg@10=0.0753 ndcg@10_popular=0.0449\n") in p.stdout
