@@ -9,6 +9,7 @@ A tiny synthetic retrieval run (200 users, 4 steps per epoch, 3 epochs) keeps ea
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,3 +157,16 @@ def test_resume_checks_the_config(tmp_path, reference):
   r = json.loads((tmp_path / "results.json").read_text())
   assert r["config"]["seed"] == 3
   assert r["config_changes"] == [{"step": 12, "changed": {"seed": [42, 3]}}]
+
+
+def test_step_cadence_checkpoints_and_evaluates_mid_epoch(tmp_path, reference):
+  cadence = ("--config.checkpoint_every_steps=3", "--config.evals.every_steps=6")
+  run(tmp_path, *cadence)
+  assert metric_steps(tmp_path) == [4, 6, 8, 12]
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [9, 12]
+  shutil.rmtree(tmp_path / "checkpoints" / "12")  # lose the newest: resume mid-epoch from 9
+  again = run(tmp_path, *cadence)
+  assert "resumed from step 9" in again.stderr  # a mid-epoch checkpoint, with its position
+  assert results(tmp_path) == reference
+  assert metric_steps(tmp_path) == [4, 6, 8, 12]
