@@ -35,9 +35,13 @@ import numpy as np
 
 from fmx.configs import expert as expert_configs, foundation as fm_configs
 from fmx.data import tae_store
+from fmx.hypercast import logging_tier
+from fmx.runtime import fm as fm_runtime
 from fmx.train import expert as expert_train, fm as fm_train, reporting
 
+# the expert config's carriers (fmx.configs.common.CARRIERS and kd), in table and plot order
 CARRIERS = ("none", "ue", "kd", "tae", "tae+ue")
+assert set(CARRIERS) == set(expert_configs.VARIANTS) - {"runlocal"}
 LABELS = {"none": "expert alone", "ue": "+UE", "kd": "+KD", "tae": "+TAE", "tae+ue": "+TAE+UE"}
 
 
@@ -60,6 +64,18 @@ def train_fms(dataset: str, root: str, args) -> dict[str, str]:
     print(f"[{dataset}] FM {name}: {epochs} epoch(s) in {dirs[name]}", flush=True)
     fm_train.train_and_evaluate(c, dirs[name])
   return dirs
+
+
+def log_taes(root: str, fms: dict[str, str]) -> None:
+  """The logging tier, once per FM version: materialises the valid and test TAEs of the FM in
+  `fms[version]` (its newest checkpoint) into the store `<root>/taes`, tagged `version`."""
+  store = os.path.join(root, "taes")
+  for version in ("early", "late"):
+    if version in tae_store.versions(store):
+      continue
+    fm = fm_runtime.restore(fms[version])
+    logging_tier.materialise(fm, store, version, splits=("valid", "test"),
+                             batch_size=fm.config.evals.batch_size)
 
 
 def expert_config(dataset: str, carrier: str, fm_dir: str, version: str, seed: int, root: str, args):
@@ -290,10 +306,7 @@ def main():
   for dataset in args.datasets.split(","):
     root = os.path.join(args.workdir, dataset)
     fms = train_fms(dataset, root, args)
-    for version in ("early", "late"):  # the logging tier, once per FM version
-      if version not in tae_store.versions(os.path.join(root, "taes")):
-        c = expert_config(dataset, "tae", fms[version], version, 0, root, args)
-        expert_train.ensure_taes(c, lambda: fm_train.load_data(c.input))
+    log_taes(root, fms)
     kd_weight, kd_scores = tune_kd(dataset, root, fms, args)
     rows += long_rows(dataset, run_experts(dataset, root, fms, args, kd_weight))
     section, summary = tables(dataset, [r for r in rows if r["dataset"] == dataset])

@@ -24,13 +24,13 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from fmx.configs import retrieval as retrieval_configs
-from fmx.train import retrieval
+from fmx.data import load as data_load
 from kernels import hstu_attention, valid_attn_mask
 from kernels.hstu_attention import default_block, schedule
 
 
 def ml1m_window_lengths(n: int) -> np.ndarray:
-  data = retrieval.load_data(retrieval_configs.get_config("ml-1m", "hstu", "base").input)
+  data = data_load.load(retrieval_configs.get_config("ml-1m", "hstu", "base").input, "sequences")
   return np.minimum(np.array([len(s) for s in data.item_ids]) - 2, n)
 
 

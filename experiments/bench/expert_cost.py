@@ -1,7 +1,7 @@
 """Expert cost relative to the foundation model: parameters and FLOPs per candidate.
 
   python experiments/bench/expert_cost.py [--fm-variant base] [--candidates 16]
-      [--dim 24] [--layers 1] [--short 16]
+      [--expert-dim 24] [--expert-layers 1] [--short 16]
 
 The expert's defaults are those of fmx/configs/ml1m_expert.py (and synthetic_expert.py).
 
@@ -22,10 +22,10 @@ import numpy as np
 
 from fmx.configs import expert as expert_configs, foundation as fm_configs
 from fmx.data import synthetic_surfaces
+from fmx.models.embeddings import padded_vocab
 from fmx.models.expert import Expert
-
-from fmx.train import fm as fm_train
-from fmx.train import loop
+from fmx.models.hstu import HSTUConfig
+from fmx.runtime import fm as fm_runtime
 
 
 def flops(fn, *args) -> float:
@@ -52,10 +52,9 @@ def main():
   c.input.max_history, c.input.num_candidates = h, m
   c.model.max_len = h + m
   data = synthetic_surfaces.generate(num_users=2, num_items=3706, seed=0, min_len=h + m, max_len=h + m)
-  vocab = loop.padded_vocab(data.num_items)
-  fm, items = fm_train.setup(c, data)
-  init, _, _ = fm_train.make_steps(c, fm, items, data.spec, data.spec.fm_tasks)
-  fm_params = init(jax.random.PRNGKey(0)).params
+  vocab = padded_vocab(data.num_items)
+  fm, items = fm_runtime.build(c, data)
+  fm_params = fm_runtime.init_params(c, fm, items, jax.random.PRNGKey(0))
   n = h + m
   tokens = {k: jnp.zeros((1, n), jnp.int32) for k in ("ids", "surfaces", "actions", "positions",
                                                        "timestamps", "query_times")}
@@ -64,11 +63,11 @@ def main():
                 user=jnp.zeros((1,), jnp.int32))
   fm_flops = flops(lambda p, t: fm.apply({"params": p}, t, items), fm_params, tokens) / m
 
-  ec = e.model
-  ec.dim, ec.num_layers, ec.dqk, ec.dv = (args.expert_dim, args.expert_layers, args.expert_dim,
-                                          args.expert_dim)
-  expert = Expert(ec, vocab, num_tasks=4)
   t = args.short
+  d = args.expert_dim
+  hstu = HSTUConfig.from_model_config(e.model, dim=d, num_layers=args.expert_layers, dqk=d, dv=d,
+                                      max_len=t + 1)
+  expert = Expert(hstu, vocab, num_tasks=4, carrier=e.model.carrier)
   batch = {"ids": jnp.zeros((1, t), jnp.int32), "actions": jnp.zeros((1, t), jnp.int32),
            "timestamps": jnp.zeros((1, t), jnp.int32), "lengths": jnp.array([t]),
            "cand": jnp.ones((1,), jnp.int32), "request_time": jnp.zeros((1,), jnp.int32),

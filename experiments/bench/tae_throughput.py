@@ -20,8 +20,8 @@ import numpy as np
 
 from fmx.configs import foundation as fm_configs
 from fmx.data import synthetic_surfaces
-from fmx.models.foundation import MFalcon, history_inputs
-from fmx.train import fm as fm_train
+from fmx.runtime import fm as fm_runtime
+from fmx.runtime.mfalcon import MFalcon, history_inputs
 
 
 def per_candidate_batches(hist, cand, h, batch):
@@ -63,8 +63,8 @@ def main():
   h = args.history
   c.model.max_len = h + 1
   data = synthetic_surfaces.generate(num_users=2, num_items=4000, seed=0, min_len=h + 1, max_len=h + 1)
-  model, items = fm_train.setup(c, data)
-  params = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks)[0](jax.random.PRNGKey(0)).params
+  model, items = fm_runtime.build(c, data)
+  params = fm_runtime.init_params(c, model, items, jax.random.PRNGKey(0))
   ids, ts = data.item_ids[0][:h], data.timestamps[0][:h]
   hist = history_inputs(ids, data.item_surface[ids], data.actions[0][:h], ts, int(ts[-1]) + 60, h)
   falcon = MFalcon(model, items, args.micro_batch)

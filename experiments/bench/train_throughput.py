@@ -17,9 +17,10 @@ import time
 import jax
 
 from fmx.configs import retrieval as retrieval_configs
-from fmx.data import sequences as seqlib
-from fmx.models.sequential import SequentialRetrieval
-from fmx.train import loop, retrieval
+from fmx.data import load as data_load, sequences as seqlib
+from fmx.models.embeddings import padded_vocab
+from fmx.train import retrieval
+from fmx.train.state import make_optimizer
 
 
 def bench(data, encoder: str, variant: str, steps: int, uniform: bool, negatives: str) -> dict:
@@ -31,8 +32,8 @@ def bench(data, encoder: str, variant: str, steps: int, uniform: bool, negatives
   ds, steps_per_epoch = seqlib.train_batches(data, c.input.protocol, n, bs, c.seed, 1,
                                              tuple(c.input.length_buckets), c.input.sort_chunk)
   steps = min(steps, steps_per_epoch)
-  task = retrieval.RetrievalTask(c, SequentialRetrieval(c.model, loop.padded_vocab(data.num_items)),
-                                 loop.make_optimizer(c.optimizer), data.num_items,
+  task = retrieval.RetrievalTask(c, retrieval.build_model(c.model, padded_vocab(data.num_items)),
+                                 make_optimizer(c.optimizer), data.num_items,
                                  retrieval.position_norm(data, c))
   state = task.init(jax.random.PRNGKey(0))
   batches = [ds[i] for i in range(steps)]
@@ -66,7 +67,7 @@ def main():
   p.add_argument("--uniform", action="store_true", help="uniform full-length batches (official)")
   args = p.parse_args()
   c = retrieval_configs.get_config("ml-1m", "hstu", "base")
-  data = retrieval.load_data(c.input)
+  data = data_load.load(c.input, "sequences")
   print(f"backend={jax.default_backend()} devices={jax.device_count()} negatives={args.negatives} "
         f"batches={'uniform' if args.uniform else 'length-bucketed'}")
   print(f"{'model':<13}{'step ms':>9}{'seq/s':>9}{'s/epoch':>9}{'GFLOP/s':>9}  shapes")
