@@ -28,13 +28,9 @@ MODEL_KEYS = ("ids", "actions", "timestamps", "lengths", "cand", "request_time",
 
 
 def load_rows(store: str, fm_version: str) -> dict[str, np.ndarray]:
-  """Every row the store holds for `fm_version`, concatenated in write order."""
+  """Every row the store holds for `fm_version`, concatenated in write order (a `StoreError`
+  if the store lacks that version)."""
   shards = [a for _, a in tae_store.read(store, fm_version)]
-  if not shards:
-    raise tae_store.StoreError(
-        f"{store}: no TAEs of FM version {fm_version!r} (versions present: "
-        f"{tae_store.versions(store)}); materialise them with the logging tier "
-        "(set tae.fm_workdir to the FM's workdir)")
   return {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
 
 
