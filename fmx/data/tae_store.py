@@ -188,9 +188,11 @@ def versions(root) -> list[str]:
 
 
 def version_meta(root, fm_version: str) -> dict:
-  """The meta given when `fm_version` was written, plus its `rows` and `shards` counts."""
+  """The meta given when `fm_version` was written, plus its `rows` and `shards` counts and the
+  shards' `sha256` (which identify the version's content)."""
   m = _manifest(root, fm_version)
-  return {**m["meta"], "rows": m["rows"], "shards": len(m["shards"])}
+  return {**m["meta"], "rows": m["rows"], "shards": len(m["shards"]),
+          "sha256": [s["sha256"] for s in m["shards"]]}
 
 
 def read(root, fm_version: str,

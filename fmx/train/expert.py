@@ -120,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = data.spec
   rows = expert_examples.load_rows(c.tae.store, c.tae.fm_version)
   fingerprint = hashlib.sha256((data_load.fingerprint(data) + json.dumps(
-      store_meta.get("shards", []), sort_keys=True)).encode()).hexdigest()
+      store_meta, sort_keys=True)).encode()).hexdigest()  # the data and the version's content
   vocab = padded_vocab(data.num_items, c.mesh.model)
   items = item_table(data, vocab)
   names = list(c.surfaces) or list(spec.surfaces)
