@@ -45,6 +45,13 @@ def _run(root, body):
                           stdout=subprocess.PIPE, text=True)
 
 
+def _meta(root, version):
+  """`version_meta` less the shard checksums, which must list one per shard."""
+  meta = tae_store.version_meta(root, version)
+  assert len(meta.pop("sha256")) == meta["shards"]
+  return meta
+
+
 def test_round_trip_versions_and_resume(tmp_path):
   v1, v2 = [_shard(3, 0), _shard(2, 1), _shard(5, 2)], [_shard(4, 3)]
   assert tae_store.versions(tmp_path / "absent") == []
@@ -55,7 +62,7 @@ def test_round_trip_versions_and_resume(tmp_path):
   _assert_reads(tmp_path, "v2", v2)
   _assert_reads(tmp_path, "v1", v1, start_shard=1)  # resume positions
   _assert_reads(tmp_path, "v1", v1, start_shard=3)
-  assert tae_store.version_meta(tmp_path, "v1") == {"fm_step": 7, "dataset": "synthetic",
+  assert _meta(tmp_path, "v1") == {"fm_step": 7, "dataset": "synthetic",
                                                     "rows": 10, "shards": 3}
   assert sorted(p.name for p in tmp_path.iterdir()) == [".lock-v1", ".lock-v2", "v1", "v2"]
   assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == [
@@ -120,7 +127,7 @@ def test_concurrent_writer_of_a_version_is_refused(tmp_path):
     proc.communicate("", timeout=30)
   assert proc.returncode == 0
   assert tae_store.versions(tmp_path) == ["v1", "v2"]
-  assert tae_store.version_meta(tmp_path, "v1") == {"rows": 2, "shards": 1}
+  assert _meta(tmp_path, "v1") == {"rows": 2, "shards": 1}
 
 
 def test_committed_version_is_immutable(tmp_path):
@@ -147,7 +154,7 @@ def test_lost_or_malformed_manifest_is_rebuilt(tmp_path, damage):
     path.write_text(json.dumps({**original, "rows": 8}))
   why = "missing" if damage == "delete" else "malformed"
   with pytest.warns(UserWarning, match=f"manifest.json: {why}.*rebuilt from 2 verified shards"):
-    assert tae_store.version_meta(tmp_path, "v1") == {"fm_step": 2, "rows": 7, "shards": 2}
+    assert _meta(tmp_path, "v1") == {"fm_step": 2, "rows": 7, "shards": 2}
   assert json.loads(path.read_text()) == original
   _assert_reads(tmp_path, "v1", shards)
 
