@@ -36,6 +36,10 @@ def run(*args, env=None):
     ([RUNLOCAL, "--config.input.dataset=ml-2m"], "--config.input.dataset='ml-2m'"),
     ([RUNLOCAL, "--config.job=nope"], "config.job='nope'"),
     ([RUNLOCAL, "extra"], "unexpected arguments"),
+    (["--config=fmx/configs/logging_tier.py:synthetic", "--config.fm_version=../v1"],
+     "'../v1'"),
+    (["--config=fmx/configs/logging_tier.py:synthetic", "--config.fm_workdir=/nonexistent"],
+     "no FM checkpoint in /nonexistent/checkpoints: train the FM first"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
   p = run(*args, f"--workdir={tmp_path / 'w'}")

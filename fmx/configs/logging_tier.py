@@ -15,7 +15,10 @@ from fmx.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  dataset = common.parse_variant(arg, ("ml-1m", "synthetic"), "ml-1m").pop()
+  words = common.parse_variant(arg, ("ml-1m", "synthetic"), "ml-1m")
+  if len(words) > 1:
+    raise common.ConfigError(f"pick one dataset, got {sorted(words)}")
+  dataset = words.pop()
   fm_workdir = {"ml-1m": "/tmp/ml1m_fm", "synthetic": "/tmp/synthetic_fm"}[dataset]
   c = ml_collections.ConfigDict()
   c.job = "logging"

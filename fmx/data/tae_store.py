@@ -42,7 +42,7 @@ class StoreError(ValueError):
   """A missing, corrupt or inconsistent TAE store; the message names the file and what to do."""
 
 
-def _vdir(root, fm_version) -> pathlib.Path:
+def version_dir(root, fm_version) -> pathlib.Path:
   if not isinstance(fm_version, str) or not _SAFE.fullmatch(fm_version):
     raise StoreError(f"unsafe FM version name {fm_version!r}: use 1-100 letters, digits, '.', '_' "
                      "or '-', starting with a letter or digit")
@@ -87,7 +87,7 @@ def _manifest_of(fm_version: str, meta: dict, shards: list[dict]) -> dict:
 
 def _manifest(root, fm_version: str) -> dict:
   """The manifest of a committed version, rebuilt from its verified shards if missing or bad."""
-  vdir = _vdir(root, fm_version)
+  vdir = version_dir(root, fm_version)
   if not vdir.is_dir():
     raise StoreError(f"{root}: no FM version {fm_version!r} (versions present: {versions(root)}); "
                      "materialise it with the logging tier")
@@ -149,7 +149,7 @@ class VersionWriter:
 def write_version(root, fm_version: str, meta: dict | None = None) -> Iterator[VersionWriter]:
   """Writes version `fm_version` under an exclusive lock; it becomes visible, complete, only when
   the `with` block exits normally having written a shard; never if it raises or the process dies."""
-  root, final = pathlib.Path(root), _vdir(root, fm_version)
+  root, final = pathlib.Path(root), version_dir(root, fm_version)
   meta = {} if meta is None else meta
   if not isinstance(meta, dict):
     raise StoreError(f"version {fm_version!r}: meta must be a dict, got {type(meta).__name__}")
@@ -201,7 +201,7 @@ def read(root, fm_version: str,
   each shard's checksum. Raises at once for an unknown version or a negative `start_shard`."""
   if not isinstance(start_shard, int) or start_shard < 0:
     raise StoreError(f"start_shard must be a non-negative int, got {start_shard!r}")
-  shards, vdir = _manifest(root, fm_version)["shards"], _vdir(root, fm_version)
+  shards, vdir = _manifest(root, fm_version)["shards"], version_dir(root, fm_version)
 
   def verified():
     for i, entry in enumerate(shards[start_shard:], start_shard):
