@@ -35,8 +35,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   a bad variant word) instead of a usage dump or a traceback."""
   try:
     rest = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError) as e:  # an override naming a key the config lacks
     key = str(e).strip("\"'")
+    if not any(a.startswith("--config.") and f".{key}" in a.split("=")[0] for a in argv):
+      fail(f"--config: {type(e).__name__}: {e}")  # an error inside the config file itself
     fail(f"unknown config key '{key}' in a --config.* override; the config file lists the keys")
   except flags.Error as e:  # the last line names the cause, also of an error in a config file
     lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
@@ -83,7 +85,13 @@ def main(argv):
   try:
     common.check(config)
     with files.exclusive(os.path.join(workdir, ".lock"), f"workdir {workdir}"):
+      stale = os.path.join(workdir, "results.json")  # written again when this run finishes
+      if os.path.exists(stale):
+        os.remove(stale)
       results = jobs.run(config, workdir)
+  except KeyboardInterrupt:  # before the loop took over the signals, or a second signal
+    fail(f"interrupted; rerun the same command to resume from the newest checkpoint in "
+         f"{workdir}", 130)
   except Stopped as e:
     print(f"fmx: {e}", file=sys.stderr)
     sys.exit(128 + (signal.SIGTERM if "SIGTERM" in str(e) else signal.SIGINT))

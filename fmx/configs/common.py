@@ -19,7 +19,7 @@ CARRIERS = ("none", "tae", "ue", "tae+ue")  # how an expert receives FM knowledg
 # Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint_every_steps",
                      "resume_anyway", "evals.", "mesh.", "input.data_dir", "input.manual_dir",
-                     "input.fetch_wheel", "baseline.", "tae.store", "tae.fm_workdir")
+                     "input.fetch_wheel", "baseline.", "tae.store")
 
 
 class ConfigError(ValueError):
@@ -52,8 +52,8 @@ POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_si
             "evals.every_epochs", "input.max_len", "input.max_history", "input.num_candidates",
             "input.windows_per_user", "input.short_len", "model.dim", "model.num_layers",
             "model.num_heads", "model.dqk", "model.dv", "model.max_len", "loss.num_negatives",
-            "baseline.num_epochs")
-NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps")
+            "baseline.num_epochs", "batch_size")
+NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step")
 
 
 def flatten(c: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:

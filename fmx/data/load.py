@@ -33,9 +33,14 @@ def load(c, view: str):
 
 
 def fingerprint(data) -> str:
-  """sha256 of the events (ids, times and labels or ratings) and item count of `data`."""
+  """sha256 of the per-user events (ids, times, labels or ratings, actions) and the item side
+  tables of `data`."""
   h = hashlib.sha256(f"{data.name}:{data.num_users}:{data.num_items}".encode())
-  for field in ("item_ids", "timestamps", "ratings", "labels"):
+  for field in ("item_ids", "timestamps", "ratings", "labels", "actions"):
     for a in getattr(data, field, ()):
+      h.update(f"{field}{a.shape}".encode())
       h.update(np.ascontiguousarray(a).tobytes())
+  for field in ("years", "genres", "item_surface", "item_genres", "item_year", "item_content"):
+    if hasattr(data, field):
+      h.update(np.ascontiguousarray(getattr(data, field)).tobytes())
   return h.hexdigest()

@@ -100,13 +100,24 @@ def prepare_fresh(make_builder: Callable[[str], tfds.core.DatasetBuilder], confi
   rebuilt = []
   for cfg in configs:
     builder = make_builder(cfg)
+    stale = None
     if sha and builder.is_prepared() and recorded_checksum(builder) != sha:
-      shutil.rmtree(builder.data_dir)
+      stale = f"{builder.data_dir}.stale"  # kept until the rebuild succeeds
+      shutil.rmtree(stale, ignore_errors=True)
+      os.rename(builder.data_dir, stale)
       rebuilt.append(f"{builder.name}/{cfg}")
       builder = make_builder(cfg)
     if not builder.is_prepared():
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      except BaseException:
+        if stale:  # the new source is unusable: keep the dataset built from the old one
+          shutil.rmtree(builder.data_dir, ignore_errors=True)
+          os.rename(stale, builder.data_dir)
+        raise
+    if stale:
+      shutil.rmtree(stale)
   if rebuilt:
     logging.warning("Rebuilt %s because the raw source %s changed (sha256 now %s).",
                     ", ".join(rebuilt), source, sha[:12])

@@ -152,7 +152,10 @@ def read(name: str, manual_dir: os.PathLike | str, fetch: bool = False) -> RawMo
   else:
     files = _unzip(path, name, [f"{src.wheel_dir}/{name}.{ext}" for ext in ("item", "inter")])
     raw = _read_recbole(name, lambda f: files[f"{src.wheel_dir}/{f}"], f"{path}!{src.wheel_dir}")
-  validate(name, raw, str(path))
+  ratings = (f"{path}/{GROUPLENS_FILES[name][1]}" if path.is_dir() else
+             f"{path}!{name}/{GROUPLENS_FILES[name][1]}" if path.name == src.grouplens_zip else
+             f"{path}!{src.wheel_dir}/{name}.inter")
+  validate(name, raw, ratings)
   return dataclasses.replace(raw, source=str(path), sha256=checksum(path, name))
 
 

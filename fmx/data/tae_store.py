@@ -115,7 +115,10 @@ def _manifest(root, fm_version: str) -> dict:
     shards.append({"file": path.name, "rows": len(next(iter(arrays.values()))),
                    "sha256": tag["sha256"]})
   m = _manifest_of(fm_version, meta, shards)
-  atomic_write(vdir / MANIFEST, json.dumps(m, indent=1))
+  try:
+    atomic_write(vdir / MANIFEST, json.dumps(m, indent=1))
+  except OSError as e:  # a read-only store: use the rebuilt manifest without saving it
+    why += f" (not saved: {e.strerror})"
   warnings.warn(f"{vdir / MANIFEST}: {why}; rebuilt from {len(files)} verified shards")
   return m
 

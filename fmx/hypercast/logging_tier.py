@@ -69,6 +69,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`job="logging"`: materialise `config.fm_workdir`'s checkpoint as `config.fm_version`."""
   c, t0 = config, time.time()
   tae_store.version_dir(c.store, c.fm_version)  # a safe name, checked before the FM loads
+  unknown = set(c.splits) - set(tae_store.SPLIT_IDS)
+  if unknown or not c.splits:
+    raise ValueError(f"--config.splits={tuple(c.splits)}: expected some of {tuple(tae_store.SPLIT_IDS)}")
   results = {"fm_version": c.fm_version, "store": c.store, "config": c.to_dict(), "steps": 0}
   if c.fm_version in tae_store.versions(c.store):
     print(f"fmx: {c.store} already holds FM version {c.fm_version!r}; nothing to do",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import time
 
@@ -97,6 +98,11 @@ class Checkpointer:
     """(step, items, meta) of the newest intact step (or exactly `step`); None if there is
     no step at all. `abstract` is a dict of trees of ShapeDtypeStructs, or a function
     `(step, meta) -> dict` called before the arrays are read (it may check the meta and raise)."""
+    for name in sorted(os.listdir(self.directory)):
+      unfinished = re.fullmatch(r"(\d+)\.orbax-checkpoint-tmp.*", name)
+      if unfinished:
+        warn(f"checkpoint step {unfinished[1]} in {self.directory} was never finished (the run "
+             "stopped while saving it); ignored")
     candidates = self.steps() if step is None else [step]
     if step is not None and step not in self.manager.all_steps():
       raise CheckpointError(f"{self.directory}: no checkpoint of step {step} "
@@ -123,9 +129,6 @@ class Checkpointer:
     src = os.path.join(self.directory, str(step))
     os.replace(src, os.path.join(self.directory, f"damaged-{step}-{int(time.time())}"))
     self.manager.reload()
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

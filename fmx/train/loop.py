@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from fmx import files
 from fmx.configs import common
 from fmx.runtime import checkpoint
 from fmx.train import reporting, sharding
@@ -110,17 +111,22 @@ def check_resume(c, workdir: str, step: int, meta: dict, abstract: dict, fingerp
   return blocking
 
 
-def train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
-               train_step: Callable, source, evaluate: Callable,
-               select: tuple[str, str] | None, desc: str, fingerprint: str = ""):
+def train_loop(c: ml_collections.ConfigDict, workdir: str, **kwargs):
   """Trains over `source` (resuming from `workdir`) and returns (state, final, reporter).
 
   `init(rng) -> TrainState`; `train_step(state, batch, rng) -> (state, scalars)` with a
   `loss`; `evaluate(params, epoch) -> {name: value}`; `select = (metric, "max" | "min")` picks
   the reported evaluation (None: the last). `final` is that evaluation plus `epoch`, `wall_s`,
   `steps` and `config_changes` (what `resume_anyway` let change). `fingerprint` identifies
-  the training data.
+  the training data. One loop at a time holds `workdir` (an OS lock).
   """
+  with files.exclusive(os.path.join(workdir, ".loop.lock"), f"workdir {workdir}"):
+    return _train_loop(c, workdir, **kwargs)
+
+
+def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
+                train_step: Callable, source, evaluate: Callable,
+                select: tuple[str, str] | None, desc: str, fingerprint: str = ""):
   t0 = time.time()
   per_epoch = source.steps_per_epoch
   total = source.total_steps if source.total_steps is not None else sys.maxsize
@@ -151,6 +157,9 @@ def train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
       checkpoint.warn(f"resuming despite changes: {accepted}")
     print(f"fmx: resumed from step {step} in {workdir}", file=sys.stderr)
   step = int(state.step)
+  if step > total:
+    raise RunError(f"{workdir} holds a checkpoint at step {step}, past this config's {total} steps: "
+                   "raise --config.num_epochs, or use a fresh --workdir")
   report = reporting.RunReporter(workdir, resume_step=step)
   epoch_of = (lambda s: s // per_epoch) if per_epoch else (lambda s: 0)
   pending: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked

@@ -15,8 +15,9 @@ def target_ranks(scores: jax.Array, targets: jax.Array, seen: jax.Array, num_ite
     targets: `[B]` item ids. seen: `[B, S]` previously consumed item ids (0 = padding); they
       are excluded, except the target itself should it repeat an earlier item.
   Ties are broken by item id (a tied item with a smaller id ranks first). A NaN score counts
-  as -inf, so a NaN target ranks last, never first.
+  as -inf, and a NaN target ranks behind every other item: last, never first.
   """
+  nan_target = jnp.isnan(jnp.take_along_axis(scores, targets[:, None], axis=1))
   scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
   b, v = scores.shape
   ids = jnp.arange(v)[None, :]
@@ -24,6 +25,7 @@ def target_ranks(scores: jax.Array, targets: jax.Array, seen: jax.Array, num_ite
   excluded = (excluded & (ids != targets[:, None])) | (ids == 0) | (ids > num_items)
   t = jnp.take_along_axis(scores, targets[:, None], axis=1)
   ahead = (scores > t) | ((scores == t) & (ids < targets[:, None]))
+  ahead = jnp.where(nan_target, ids != targets[:, None], ahead)
   return jnp.sum(ahead & ~excluded, axis=1)
 
 

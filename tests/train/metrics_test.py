@@ -93,4 +93,4 @@ def test_nan_scores_rank_last_never_first():
   scores = jnp.array([[0.0, jnp.nan, 0.5, 0.2, jnp.nan],   # target 1 is NaN: last of 4 items
                       [0.0, 0.1, jnp.nan, 0.3, 0.2]])      # a NaN item never ranks ahead
   ranks = metrics.target_ranks(scores, jnp.array([1, 4]), jnp.zeros((2, 1), jnp.int32), 4)
-  np.testing.assert_array_equal(np.asarray(ranks), [2, 1])
+  np.testing.assert_array_equal(np.asarray(ranks), [3, 1])
