@@ -171,7 +171,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
       if bad.size:
         raise NonFiniteError(
             f"non-finite training loss ({losses[bad[0]]}) at step {pending[bad[0]][0]}; the run "
-            f"stopped without saving it (last checkpoint: {ckpt.steps()[:1] or 'none'}). Lower "
+            f"stopped without saving it (newest checkpoint: {(ckpt.steps() or ['none'])[0]}). Lower "
             "--config.optimizer.lr or fix the loss settings, then rerun")
       pending.clear()
 
@@ -227,9 +227,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
       every = c.get("checkpoint_every_steps", 0)
       if epoch_end or (every and step % every == 0) or step == total or stop:
         save()
-      if stop:
-        break
-      if step >= total:
+      if stop or step >= total:
         break
     bar.close()
     check_losses()
