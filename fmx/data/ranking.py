@@ -59,7 +59,7 @@ def example(data: CrossSurfaceData, user: int, cut: int, end: int, max_history: 
   return out
 
 
-def _empty(max_history, num_candidates, num_tasks):
+def empty_example(max_history, num_candidates, num_tasks):
   n = max_history + num_candidates
   z = lambda dt: np.zeros(n, dt)
   return {"ids": z(np.int32), "surfaces": z(np.int32), "actions": z(np.int32),
@@ -71,7 +71,7 @@ def _empty(max_history, num_candidates, num_tasks):
           "history_end": np.int32(0)}
 
 
-def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
+def stack(rows: list[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -97,9 +97,9 @@ def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int,
     rows = []
     for i in order[step * batch_size:(step + 1) * batch_size]:
       u = slots[i]
-      rows.append(_empty(max_history, num_candidates, data.spec.num_tasks) if u < 0 else
+      rows.append(empty_example(max_history, num_candidates, data.spec.num_tasks) if u < 0 else
                   example(data, int(u), int(cuts[i]), int(ends[u]), max_history, num_candidates))
-    return _stack(rows)
+    return stack(rows)
 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 
@@ -113,6 +113,6 @@ def eval_batches(data: CrossSurfaceData, split: str, max_history: int, num_candi
     if start >= 1:
       rows.append(example(data, u, start, end, max_history, num_candidates))
   while len(rows) % batch_size:
-    rows.append(_empty(max_history, num_candidates, data.spec.num_tasks))
+    rows.append(empty_example(max_history, num_candidates, data.spec.num_tasks))
   for i in range(0, len(rows), batch_size):
-    yield _stack(rows[i:i + batch_size])
+    yield stack(rows[i:i + batch_size])
