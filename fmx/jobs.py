@@ -11,6 +11,8 @@ JOBS = {
     "fm": "fmx.train.fm",  # the foundation model (ranking, MTML, TAEs) and its baseline
     "expert": "fmx.train.expert",  # surface experts on materialised TAEs
     "logging": "fmx.hypercast.logging_tier",  # materialise an FM checkpoint's TAEs
+    "event_log": "fmx.hypercast.event_log",  # replay a dataset into the HyperCast event log
+    "fm_stream": "fmx.hypercast.fm_stream",  # the FM trained on the event log as it grows
 }
 
 

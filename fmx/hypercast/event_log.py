@@ -27,7 +27,9 @@ import numpy as np
 from array_record.python import array_record_module
 
 from fmx import files
+from fmx.data import load as data_load
 from fmx.data.cross_surface import CrossSurfaceData
+from fmx.train import reporting
 
 INDEX = "index.json"
 FORMAT = 1
@@ -175,3 +177,17 @@ def _write_window(path: pathlib.Path, events: np.ndarray) -> str:
   os.replace(tmp, path)
   files.fsync_dir(path.parent)
   return digest
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """`job="event_log"`: replays `config.input`'s dataset into the log in `workdir`."""
+  t0 = time.time()
+  data = data_load.load(config.input, "surfaces")
+  windows = produce(data, workdir, config.window_seconds, config.speed or float("inf"),
+                    config.max_windows or None)
+  index = EventLog(workdir).index()
+  results = {"windows": windows, "events": sum(w["events"] for w in index["windows"]),
+             "closed": index["closed"], "dataset": data.name, "steps": 0,
+             "wall_s": round(time.time() - t0, 2), "config": config.to_dict()}
+  reporting.write_results(workdir, results)
+  return results

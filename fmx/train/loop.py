@@ -117,7 +117,7 @@ def train_loop(c: ml_collections.ConfigDict, workdir: str, **kwargs):
   `init(rng) -> TrainState`; `train_step(state, batch, rng) -> (state, scalars)` with a
   `loss`; `evaluate(params, epoch) -> {name: value}`; `select = (metric, "max" | "min")` picks
   the reported evaluation (None: the last). `final` is that evaluation plus `epoch`, `wall_s`,
-  `steps` and `config_changes` (what `resume_anyway` let change). `fingerprint` identifies
+  `steps`, the source `position` and `config_changes` (what `resume_anyway` let change). `fingerprint` identifies
   the training data. One loop at a time holds `workdir` (an OS lock).
   """
   with files.exclusive(os.path.join(workdir, ".loop.lock"), f"workdir {workdir}"):
@@ -239,7 +239,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
       save()
   final = dict(meta["best"] if select is not None and meta["best"] else meta["latest"])
   final.pop("step", None)
-  final.update(wall_s=round(time.time() - t0, 2), steps=step,
+  final.update(wall_s=round(time.time() - t0, 2), steps=step, position=meta["position"],
                config_changes=meta["config_changes"])
   return state, final, report
 
