@@ -82,6 +82,10 @@ def main(argv):
   from fmx.data.tae_store import StoreError
   from fmx.runtime.checkpoint import CheckpointError
   from fmx.train.loop import RunError, Stopped
+  def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGTERM, interrupt)  # outside the training loop, SIGTERM is Ctrl-C
   try:
     common.check(config)
     with files.exclusive(os.path.join(workdir, ".lock"), f"workdir {workdir}"):

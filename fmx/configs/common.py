@@ -19,7 +19,7 @@ CARRIERS = ("none", "tae", "ue", "tae+ue")  # how an expert receives FM knowledg
 # Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint_every_steps",
                      "resume_anyway", "evals.", "mesh.", "input.data_dir", "input.manual_dir",
-                     "input.fetch_wheel", "baseline.", "tae.store")
+                     "input.fetch_wheel", "baseline.", "tae.store", "surfaces", "stream.")
 
 
 class ConfigError(ValueError):

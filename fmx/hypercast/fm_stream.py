@@ -8,6 +8,9 @@ trained the same events in the same order, killed or not, have the same digest.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import ml_collections
 
 from fmx.data import load as data_load
@@ -24,9 +27,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init, train_step, _ = fm_train.make_steps(c, model, items, data.spec, data.spec.fm_tasks)
   source = WindowSource(c.stream.log_dir, data, c.input.max_history, c.input.num_candidates,
                         c.input.batch_size, c.stream.poll_seconds, c.stream.idle_seconds or None)
+  log = source.log.index()
+  fingerprint = data_load.fingerprint(data) + json.dumps(
+      {k: log.get(k) for k in ("dataset", "window_seconds", "num_tasks")}, sort_keys=True)
   state, final, report = train_loop(c, workdir, init=init, train_step=train_step, source=source,
                                     evaluate=lambda params, epoch: {}, select=None,
-                                    desc=f"{data.name} stream")
+                                    desc=f"{data.name} stream",
+                                    fingerprint=hashlib.sha256(fingerprint.encode()).hexdigest())
   report.close()
   results = {**final, "events": final["position"]["events"], "dataset": data.name,
              "params_sha256": checkpoint.digest(state.params), "config": c.to_dict()}

@@ -11,6 +11,7 @@ by one writer at a time; materialising a committed version again is a no-op.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -39,8 +40,7 @@ def window_rows(fm: fm_runtime.PinnedFM, batch: dict, split: str) -> dict[str, n
 
 
 def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
-                splits=("train", "valid", "test"), batch_size: int = 128,
-                train_windows: int = 1) -> int:
+                splits=("train", "valid", "test"), batch_size: int = 128) -> int:
   """Writes `fm_version` (one shard per split) and returns its rows; 0 if the store already
   holds that version. Training windows are the FM pipeline's own (seeded) windows of its first
   epoch."""
@@ -54,7 +54,8 @@ def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
   with tae_store.write_version(store, fm_version, meta) as writer:
     for split in splits:
       if split == "train":
-        ds, steps = ranking.train_batches(data, H, T, batch_size, c.seed, 1, train_windows)
+        ds, steps = ranking.train_batches(data, H, T, c.input.batch_size, c.seed, 1,
+                                          c.input.windows_per_user)
         batches = (ds[i] for i in range(steps))
       else:
         batches = ranking.eval_batches(data, split, H, T, batch_size)
@@ -74,6 +75,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"--config.splits={tuple(c.splits)}: expected some of {tuple(tae_store.SPLIT_IDS)}")
   results = {"fm_version": c.fm_version, "store": c.store, "config": c.to_dict(), "steps": 0}
   if c.fm_version in tae_store.versions(c.store):
+    meta = tae_store.version_meta(c.store, c.fm_version)
+    if meta.get("fm_workdir") != os.path.abspath(c.fm_workdir) or (
+        c.fm_step and meta.get("fm_step") != c.fm_step):
+      raise tae_store.StoreError(
+          f"{c.store}: version {c.fm_version!r} holds the TAEs of {meta.get('fm_workdir')} step "
+          f"{meta.get('fm_step')}; versions never change: pick another --config.fm_version")
     print(f"fmx: {c.store} already holds FM version {c.fm_version!r}; nothing to do",
           file=sys.stderr)
     results.update(rows=0, wall_s=round(time.time() - t0, 2))

@@ -10,6 +10,7 @@ it aside to `damaged-<step>`), and the next older step is tried.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
@@ -42,6 +43,15 @@ def digest(tree) -> str:
 def shapes(tree) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(p): list(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _finalize_quietly() -> None:
+  """Collects the objects a failed restore left behind, without printing their errors."""
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
 
 
 def warn(message: str) -> None:
@@ -85,10 +95,13 @@ class Checkpointer:
   def read(self, step: int, abstract: dict, meta: dict) -> dict:
     """The items of `abstract` (trees of ShapeDtypeStructs with shardings), verified."""
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
+      out, error = self.manager.restore(step, args=ocp.args.Composite(
+          **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()})), None
     except Exception as e:  # pylint: disable=broad-except
-      raise Damaged(f"unreadable arrays ({type(e).__name__})") from None
+      out, error = None, f"unreadable arrays ({type(e).__name__})"
+    if error:
+      _finalize_quietly()  # Orbax leaves coroutines whose finalizers would print a traceback
+      raise Damaged(error)
     for k in abstract:
       if digest(out[k]) != meta["sha256"].get(k):
         raise Damaged(f"checksum mismatch in '{k}'")

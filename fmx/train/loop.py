@@ -161,6 +161,8 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
     raise RunError(f"{workdir} holds a checkpoint at step {step}, past this config's {total} steps: "
                    "raise --config.num_epochs, or use a fresh --workdir")
   report = reporting.RunReporter(workdir, resume_step=step)
+  params_finite = jax.jit(lambda p: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
   epoch_of = (lambda s: s // per_epoch) if per_epoch else (lambda s: 0)
   pending: list[tuple[int, jax.Array]] = []  # (step, loss) not yet checked
 
@@ -193,6 +195,10 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
 
   def save():
     check_losses()
+    if not bool(params_finite(state.params)):
+      raise NonFiniteError(f"non-finite parameters after step {step}; the run stopped without "
+                           f"saving them (newest checkpoint: {(ckpt.steps() or ['none'])[0]}). "
+                           "Lower --config.optimizer.lr or fix the loss settings, then rerun")
     ckpt.save(step, checkpoint_items(state), {**meta, "config": _plain(c),
                                                "fingerprint": fingerprint})
     fault_point("checkpoint", step)

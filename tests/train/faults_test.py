@@ -108,6 +108,7 @@ def test_damaged_newest_step_falls_back_to_an_intact_one(tmp_path, reference, ho
   p = run(tmp_path)
   assert "checkpoint step 8" in p.stderr and "is damaged" in p.stderr
   assert "resumed from step 4" in p.stderr
+  assert len(list((tmp_path / "checkpoints").glob("damaged-8-*"))) == 1  # set aside, kept
   assert results(tmp_path) == reference and metric_steps(tmp_path) == [4, 8, 12]
 
 
@@ -123,6 +124,8 @@ def test_finished_run_reruns_without_new_rows(tmp_path, reference):
   again = run(tmp_path)
   assert "resumed from step 12" in again.stderr
   assert results(tmp_path) == reference and metric_steps(tmp_path) == [4, 8, 12]
+  shorter = run(tmp_path, epochs=2, check=False)  # would report 3 epochs' weights as 2
+  one_error_line(shorter, "checkpoint at step 12, past this config's 8 steps")
 
 
 def test_second_run_on_a_workdir_is_refused(tmp_path):
