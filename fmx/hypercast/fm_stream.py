@@ -8,9 +8,6 @@ trained the same events in the same order, killed or not, have the same digest.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import ml_collections
 
 from fmx.data import load as data_load
@@ -28,12 +25,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = WindowSource(c.stream.log_dir, data, c.input.max_history, c.input.num_candidates,
                         c.input.batch_size, c.stream.poll_seconds, c.stream.idle_seconds or None)
   log = source.log.index()
-  fingerprint = data_load.fingerprint(data) + json.dumps(
-      {k: log.get(k) for k in ("dataset", "window_seconds", "num_tasks")}, sort_keys=True)
+  fingerprint = data_load.fingerprint(
+      data, {k: log.get(k) for k in ("dataset", "window_seconds", "num_tasks")})
   state, final, report = train_loop(c, workdir, init=init, train_step=train_step, source=source,
                                     evaluate=lambda params, epoch: {}, select=None,
                                     desc=f"{data.name} stream",
-                                    fingerprint=hashlib.sha256(fingerprint.encode()).hexdigest())
+                                    fingerprint=fingerprint)
   report.close()
   results = {**final, "events": final["position"]["events"], "dataset": data.name,
              "params_sha256": checkpoint.digest(state.params), "config": c.to_dict()}

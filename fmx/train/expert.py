@@ -14,7 +14,6 @@ The expert never calls the FM: its inputs are arrays.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -119,8 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = data_load.load(c.input, "surfaces")
   spec = data.spec
   rows = expert_examples.load_rows(c.tae.store, c.tae.fm_version)
-  fingerprint = hashlib.sha256((data_load.fingerprint(data) + json.dumps(
-      store_meta, sort_keys=True)).encode()).hexdigest()  # the data and the version's content
+  fingerprint = data_load.fingerprint(data, store_meta)  # the data and the version's content
   vocab = padded_vocab(data.num_items, c.mesh.model)
   items = item_table(data, vocab)
   names = list(c.surfaces) or list(spec.surfaces)
