@@ -23,5 +23,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input = foundation.get_config(words.pop(), "runlocal").input  # the dataset to replay
   c.window_seconds = 86_400  # simulated time per window
   c.speed = 0.0  # simulated seconds per wall second (0: as fast as possible)
-  c.max_windows = 0  # stop after this many windows (0: all)
+  c.max_windows = 0  # replay only the first N windows, then close the log (0: all)
+  c.user_fraction = 1.0  # replay a seeded sample of the users (1: all)
   return c

@@ -30,4 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stream.log_dir = f"/tmp/{dataset.replace('-', '')}_log"  # the event log to follow
   c.stream.poll_seconds = 0.5  # how often to look for a new window
   c.stream.idle_seconds = 0.0  # stop after this long without a new window (0: wait for close)
+  c.stream.snapshots = ""  # publish FM versions into this directory ("": never)
+  c.stream.publish_every = 10  # version n = the FM trained on the windows before n * this
+  c.stream.full_every = 4  # a full snapshot every N versions, partial (changed rows) between
+  c.stream.keep_versions = 3  # retention: the newest N versions (and any pinned one) are kept
   return c

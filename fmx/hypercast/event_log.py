@@ -6,16 +6,19 @@ Layout of a log directory:
                                (offset, user, item, surface, timestamp, action, labels)
   index.json                   {"format", "dataset", "window_seconds", "num_tasks", "closed",
                                 "windows": [{"file", "first_offset", "events", "t_start",
-                                             "t_end", "sha256"}, ...]}
+                                             "t_end", "sha256", "appended_at"}, ...]}
 A window file is written under a temporary name, fsynced and renamed; only then is the index
 rewritten (atomically) with one more window, so a consumer that follows the index never sees a
 partial window. Every event has a global offset: window i holds offsets
 [first_offset, first_offset + events). Windows are cut at multiples of `window_seconds` from
 the first event's time; empty windows are skipped. `closed` says the producer has written all.
+`appended_at` is the wall time a window became visible (for the pipeline's delays).
+`user_fraction` < 1 replays a seeded sample of the users (all their events), for quick runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -128,20 +131,33 @@ class EventLog:
         waited += poll_seconds
 
 
+def sample_users(data: CrossSurfaceData, fraction: float, seed: int = 0) -> CrossSurfaceData:
+  """`data` with only a seeded `fraction` of its users' events (the others get none)."""
+  if fraction >= 1.0:
+    return data
+  keep = np.random.default_rng(seed).random(data.num_users) < fraction
+  empty = lambda seqs: [s if k else s[:0] for s, k in zip(seqs, keep)]
+  return dataclasses.replace(data, item_ids=empty(data.item_ids),
+                             timestamps=empty(data.timestamps), actions=empty(data.actions),
+                             labels=empty(data.labels))
+
+
 def produce(data: CrossSurfaceData, root: os.PathLike | str, window_seconds: int,
-            speed: float = float("inf"), max_windows: int | None = None) -> int:
+            speed: float = float("inf"), max_windows: int | None = None,
+            user_fraction: float = 1.0) -> int:
   """Appends the windows of `data` that `root` lacks, in order, at `speed` simulated seconds
-  per wall second (inf: as fast as possible), and closes the log when all are in. Resumes a
-  log another producer left (windows are a pure function of the data and `window_seconds`).
+  per wall second (inf: as fast as possible), and closes the log when all are in (or when
+  `max_windows` are). Resumes a log another producer left (windows are a pure function of the
+  data, `window_seconds` and `user_fraction`).
   Returns the number of windows the log holds. One producer at a time holds the log."""
   root = pathlib.Path(root)
   with files.exclusive(root / ".producer.lock", f"event log {root}"):
     log = EventLog(root)
-    events = events_of(data)
+    events = events_of(sample_users(data, user_fraction))
     bounds = window_bounds(events["timestamp"], window_seconds)
     index = log.index()
     header = {"format": FORMAT, "dataset": data.name, "window_seconds": int(window_seconds),
-              "num_tasks": int(data.spec.num_tasks)}
+              "num_tasks": int(data.spec.num_tasks), "user_fraction": float(user_fraction)}
     if index["windows"] and any(index.get(k) != v for k, v in header.items()):
       raise LogError(f"{root / INDEX} holds a log of {({k: index.get(k) for k in header})}, not "
                      f"{header}: use another log directory")
@@ -153,12 +169,13 @@ def produce(data: CrossSurfaceData, root: os.PathLike | str, window_seconds: int
                "first_offset": s, "events": e - s, "t_start": t0 + number * window_seconds,
                "t_end": t0 + (number + 1) * window_seconds}
       entry["sha256"] = _write_window(root / entry["file"], events[s:e])
+      entry["appended_at"] = time.time()
       index["windows"].append(entry)
-      index["closed"] = len(index["windows"]) == len(bounds)
+      index["closed"] = len(index["windows"]) == stop
       files.atomic_write(root / INDEX, json.dumps(index, indent=1))
       if speed != float("inf"):
         time.sleep(window_seconds / speed)
-    if not bounds[len(index["windows"]):] and not index["closed"]:
+    if len(index["windows"]) >= stop and not index["closed"]:
       index["closed"] = True
       files.atomic_write(root / INDEX, json.dumps(index, indent=1))
     return len(index["windows"])
@@ -184,7 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t0 = time.time()
   data = data_load.load(config.input, "surfaces")
   windows = produce(data, workdir, config.window_seconds, config.speed or float("inf"),
-                    config.max_windows or None)
+                    config.max_windows or None, config.get("user_fraction", 1.0))
   index = EventLog(workdir).index()
   results = {"windows": windows, "events": sum(w["events"] for w in index["windows"]),
              "closed": index["closed"], "dataset": data.name, "steps": 0,

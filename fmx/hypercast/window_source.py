@@ -37,27 +37,33 @@ class WindowSource:
     self.log, self.items = EventLog(log_dir), items
     self.H, self.T, self.batch_size = max_history, num_candidates, batch_size
     self.poll_seconds, self.timeout = poll_seconds, timeout
+    self.current = None  # (window, events, batches) of the newest window read
 
   def start(self) -> dict:
     return {"window": 0, "batch": 0, "events": 0}
 
-  def iterate(self, position: dict):
+  def windows(self, start: int = 0):
+    """Yields (window, events, batches) from window `start` on, as the log grows; histories of
+    the windows before `start` are rebuilt from the log. The newest is kept in `self.current`."""
     history = {k: [[] for _ in range(self.items.num_users)]
                for k in ("item_ids", "timestamps", "actions", "labels")}
     for w, events in self.log.follow(poll_seconds=self.poll_seconds, timeout=self.timeout):
-      if w >= position["window"]:
-        batches = self.window_batches(history, events)
-        done = position["events"]
-        for b, batch in enumerate(batches):
-          if w == position["window"] and b < position["batch"]:
-            continue  # trained before the restart
-          done += int(batch["num_targets"].sum())
-          yield batch, {"window": w, "batch": b + 1, "events": done}
-        position = {"window": w + 1, "batch": 0, "events": done}
+      if w >= start:
+        self.current = (w, events, self.window_batches(history, events))
+        yield self.current
       for u, rows in _by_user(events):
         for key, field in (("item_ids", "item"), ("timestamps", "timestamp"),
                            ("actions", "action"), ("labels", "labels")):
           history[key][u].append(rows[field])
+
+  def iterate(self, position: dict):
+    done = position["events"]
+    for w, _, batches in self.windows(position["window"]):
+      for b, batch in enumerate(batches):
+        if w == position["window"] and b < position["batch"]:
+          continue  # trained before the restart
+        done += int(batch["num_targets"].sum())
+        yield batch, {"window": w, "batch": b + 1, "events": done}
 
   def window_batches(self, history: dict, events: np.ndarray) -> list[dict]:
     """The ranking batches of one window, given the users' events of earlier windows."""

@@ -39,7 +39,9 @@ class Expert(nn.Module):
 
   batch: `ids, actions, timestamps [B, T]` (the surface's last T events before the request,
   right-padded), `lengths [B]`, `cand [B]`, `request_time [B]`, and `tae` / `ue` `[B, d_fm]`
-  when the carrier uses them. items: `genres [V, G]`, `content [V, C]`.
+  when the carrier uses them. items: `genres [V, G]`, `content [V, C]`. `fm_table`, if given,
+  is a frozen FM embedding table `[V_fm, d_fm]` (the item-id table of a published snapshot):
+  the candidate's row is another FM input, behind `stop_gradient` like the TAE.
   """
 
   config: HSTUConfig  # the short-term HSTU; its width is the expert's width
@@ -48,7 +50,7 @@ class Expert(nn.Module):
   carrier: str = "tae"
 
   @nn.compact
-  def __call__(self, batch, items, *, train: bool = False):
+  def __call__(self, batch, items, *, train: bool = False, fm_table=None):
     c = self.config
     if self.carrier not in CARRIERS:
       raise ValueError(f"expert carrier={self.carrier!r}: expected one of {CARRIERS}")
@@ -75,6 +77,9 @@ class Expert(nn.Module):
       parts.append(FMEmbedding(d, c.dropout, name="fm_tae")(batch["tae"], train=train))
     if "ue" in self.carrier:
       parts.append(FMEmbedding(d, c.dropout, name="fm_ue")(batch["ue"], train=train))
+    if fm_table is not None:  # the FM's frozen item-id table, the candidate's row
+      parts.append(FMEmbedding(d, c.dropout, name="fm_item")(
+          jnp.take(fm_table, batch["cand"], axis=0), train=train))
     fused = nn.Dense(d, name="fm_fusion_out")(jax.nn.silu(nn.Dense(2 * d, name="fm_fusion")(
         jnp.concatenate(parts, -1))))
     cand = batch["cand"]

@@ -59,11 +59,11 @@ def warn(message: str) -> None:
 
 
 class Checkpointer:
-  """Saves asynchronously into `directory` (keeping `max_to_keep` steps) and restores the
-  newest intact step. `read_only` never writes or moves anything (for readers of another
-  run's checkpoints, such as the logging tier)."""
+  """Saves asynchronously into `directory` (keeping `max_to_keep` steps; None keeps all) and
+  restores the newest intact step. `read_only` never writes or moves anything (for readers of
+  another run's checkpoints, such as the logging tier)."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2, read_only: bool = False):
+  def __init__(self, directory: str, max_to_keep: int | None = 2, read_only: bool = False):
     self.directory, self.read_only = os.path.abspath(directory), read_only
     self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=not read_only, read_only=read_only,
@@ -82,6 +82,11 @@ class Checkpointer:
             "shapes": {k: shapes(v) for k, v in items.items()}}
     args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
     self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args))
+
+  def delete(self, step: int) -> None:
+    """Deletes committed `step` (after any save in flight has finished)."""
+    self.manager.wait_until_finished()
+    self.manager.delete(step)
 
   def read_meta(self, step: int) -> dict:
     try:

@@ -118,7 +118,8 @@ def train_loop(c: ml_collections.ConfigDict, workdir: str, **kwargs):
   `loss`; `evaluate(params, epoch) -> {name: value}`; `select = (metric, "max" | "min")` picks
   the reported evaluation (None: the last). `final` is that evaluation plus `epoch`, `wall_s`,
   `steps`, the source `position` and `config_changes` (what `resume_anyway` let change). `fingerprint` identifies
-  the training data. One loop at a time holds `workdir` (an OS lock).
+  the training data. `on_batch(state, batch, position)`, if given, sees the state before each
+  step (streaming jobs evaluate and publish there). One loop at a time holds `workdir` (an OS lock).
   """
   with files.exclusive(os.path.join(workdir, ".loop.lock"), f"workdir {workdir}"):
     return _train_loop(c, workdir, **kwargs)
@@ -126,7 +127,8 @@ def train_loop(c: ml_collections.ConfigDict, workdir: str, **kwargs):
 
 def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
                 train_step: Callable, source, evaluate: Callable,
-                select: tuple[str, str] | None, desc: str, fingerprint: str = ""):
+                select: tuple[str, str] | None, desc: str, fingerprint: str = "",
+                on_batch: Callable | None = None):
   t0 = time.time()
   per_epoch = source.steps_per_epoch
   total = source.total_steps if source.total_steps is not None else sys.maxsize
@@ -211,6 +213,8 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
     for batch, position in (source.iterate(meta["position"]) if step < total else ()):
       fault_point("compile" if first else "step", step)
       first = False
+      if on_batch is not None:
+        on_batch(state, batch, position)
       state, scalars = step_fn(state, batch, train_rng)
       step, meta["position"] = step + 1, position
       pending.append((step, scalars["loss"]))

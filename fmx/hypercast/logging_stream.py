@@ -1,0 +1,119 @@
+"""The logging tier in the loop (`job="logging_stream"`): for every new window of the event log,
+the TAEs, user embeddings and FM predictions of its impressions, computed with FM versions
+published *before* that window, appended to the TAE store.
+
+FM version n is the FM trained on the windows before n * K (K = the FM's
+`stream.publish_every`), so window w is logged with version w // K ("newest"): never a version
+that trained on w or later. Windows before K have no FM and are not logged. Each entry of
+`stream.follow` is a shard: "newest", or a pinned version number p (logged only once p <= w // K),
+so experts that follow either find their rows. A window is one store version `w<window:06d>`
+(`fmx.data.tae_store`), committed all-or-nothing: the unit of exactly-once; a restarted tier
+continues after the newest committed window. Meta: window, t_start, t_end, events and
+`followers` [{follow, fm_version, dim}] in shard order.
+
+A damaged snapshot is named and the tier rolls back to the newest intact older version for that
+window (recorded as its `fm_version`); it waits for versions the FM has not published yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from fmx import files
+from fmx.data import load as data_load, tae_store
+from fmx.hypercast import logging_tier, snapshots
+from fmx.hypercast.window_source import WindowSource
+from fmx.runtime import fm as fm_runtime
+from fmx.train import reporting
+
+CLOSED = "closed.json"  # in the store: the logging tier has logged every window of a closed log
+
+
+def window_key(w: int) -> str:
+  return f"w{w:06d}"
+
+
+class Versions:
+  """Restored FM parameters by version, on one compiled FM (a version only swaps parameters)."""
+
+  def __init__(self, snaps: snapshots.Snapshots, data):
+    self.snaps, self.data, self.fm, self.cache = snaps, data, None, {}
+
+  def get(self, version: int) -> tuple[int, dict]:
+    """(the version used, its params): `version`, or the newest intact one before it."""
+    for v in range(version, 0, -1):
+      if v in self.cache:
+        return v, self.cache[v]
+      try:
+        entry = self.snaps.entry(v)
+        params = jax.tree.map(np.asarray, self.snaps.params(v))
+      except snapshots.SnapshotError as e:
+        print(f"fmx: warning: {e}; logging with an older version", file=sys.stderr)
+        continue
+      if self.fm is None:
+        c = ml_collections.ConfigDict(entry["config"])
+        model, items = fm_runtime.build(c, self.data)
+        self.fm = fm_runtime.PinnedFM(c, model, items, params, entry["fm_step"], self.data,
+                                      str(self.snaps.root))
+      self.cache = {**dict(list(self.cache.items())[-2:]), v: params}
+      return v, params
+    raise snapshots.SnapshotError(f"{self.snaps.root}: no intact FM version up to {version}; "
+                                  "restart the FM trainer to publish again")
+
+  def rows(self, version: int, batches: list[dict]) -> tuple[int, dict[str, np.ndarray]]:
+    v, params = self.get(version)
+    self.fm.params = params
+    parts = [logging_tier.window_rows(self.fm, b, "train") for b in batches]
+    if not parts:
+      return v, {k: np.zeros((0,), np.float32) for k in logging_tier.COLUMNS}
+    return v, {k: np.concatenate([p[k] for p in parts]) for k in logging_tier.COLUMNS}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  c, t0 = config, time.time()
+  data = data_load.load(c.input, "surfaces")
+  snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
+  timeout = c.stream.idle_seconds or None
+  snaps.wait(1, c.stream.poll_seconds, timeout)
+  fm_config = ml_collections.ConfigDict(snaps.entry(1)["config"])
+  K, fi = fm_config.stream.publish_every, fm_config.input
+  done = tae_store.versions(c.stream.store)
+  start = max([K] + [int(v[1:]) + 1 for v in done if v.startswith("w")])
+  source = WindowSource(c.stream.log_dir, data, fi.max_history, fi.num_candidates,
+                        c.batch_size, c.stream.poll_seconds, timeout)
+  versions = Versions(snaps, data)
+  windows = rows = 0
+  for w, events, batches in source.windows(start):
+    newest = w // K
+    snaps.pin("logging", newest, and_newer=True)  # this window's version and every later one
+    snaps.wait(newest, c.stream.poll_seconds, timeout)
+    entry = source.log.index()["windows"][w]
+    meta = {"window": w, "t_start": entry["t_start"], "t_end": entry["t_end"],
+            "events": int(len(events)), "dataset": data.name, "followers": []}
+    shards = []
+    for follow in c.stream.follow:
+      want = newest if follow == "newest" else int(follow)
+      if want > newest:
+        continue  # a pinned version not yet published before this window
+      used, arrays = versions.rows(want, batches)
+      meta["followers"].append({"follow": str(follow), "fm_version": used,
+                                "dim": int(versions.fm.model.config.dim)})
+      shards.append(arrays)
+    with tae_store.write_version(c.stream.store, window_key(w), meta) as writer:
+      for arrays in shards or [{"user": np.zeros(0, np.int32)}]:  # a version needs a shard
+        writer.write_shard(arrays)
+    windows, rows = windows + 1, rows + len(shards[0]["user"]) if shards else rows
+  if source.log.index()["closed"]:  # tell the experts the store is complete
+    files.atomic_write(os.path.join(c.stream.store, CLOSED),
+                       json.dumps({"windows": len(tae_store.versions(c.stream.store))}))
+  results = {"windows": windows, "rows": rows, "steps": 0,
+             "wall_s": round(time.time() - t0, 2), "config": c.to_dict()}
+  reporting.write_results(workdir, results)
+  return results
