@@ -80,6 +80,8 @@ def main(argv):
   workdir = usable_workdir(_WORKDIR.value)
   from fmx.data.raw import RawDataError  # heavy imports after the flags are checked
   from fmx.data.tae_store import StoreError
+  from fmx.hypercast.event_log import LogError
+  from fmx.hypercast.snapshots import SnapshotError
   from fmx.runtime.checkpoint import CheckpointError
   from fmx.train.loop import RunError, Stopped
   def interrupt(signum, frame):
@@ -100,7 +102,7 @@ def main(argv):
     print(f"fmx: {e}", file=sys.stderr)
     sys.exit(128 + (signal.SIGTERM if "SIGTERM" in str(e) else signal.SIGINT))
   except (RawDataError, StoreError, CheckpointError, RunError, files.LockedError,
-          common.ConfigError) as e:
+          common.ConfigError, LogError, SnapshotError) as e:
     fail(str(e))
   except ValueError as e:  # a config value that the job rejects
     if flags.FLAGS["verbosity"].present:

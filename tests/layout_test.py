@@ -49,3 +49,20 @@ def test_configs_are_plain_values():
 def test_expert_trainer_never_runs_the_fm():
   assert not [b for a, b in imports() if a == "fmx.train.expert"
               and b.startswith(("fmx.runtime", "fmx.hypercast", "fmx.train.fm"))]
+
+
+def test_streaming_experts_never_run_the_fm():
+  """The streaming experts' FM knowledge is store rows and snapshot tables: no FM runtime, no
+  FM trainer, no logging tier anywhere in what they import (transitively, within fmx)."""
+  graph = {}
+  for a, b in imports():
+    graph.setdefault(a, set()).add(b)
+  seen, todo = set(), ["fmx.hypercast.expert_stream"]
+  while todo:
+    m = todo.pop()
+    if m not in seen:
+      seen.add(m)
+      todo += [b for b in graph.get(m, ()) if b in graph]
+  assert not [m for m in seen if m.startswith(
+      ("fmx.runtime.fm", "fmx.runtime.mfalcon", "fmx.train.fm", "fmx.hypercast.logging",
+       "fmx.hypercast.fm_stream"))]

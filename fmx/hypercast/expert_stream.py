@@ -52,9 +52,15 @@ class TableLoader:
     self.snaps, self.dim = snaps, dim
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
     self.futures, self.tables, self.waited = {}, {}, 0.0
+    self.loads: list[list[float]] = []  # [start, end] wall times of the background loads
 
   def _load(self, version: int) -> np.ndarray:
-    table = np.asarray(self.snaps.tables(version)["item"]["embedding"])
+    span = [time.time(), float("inf")]
+    self.loads.append(span)
+    try:
+      table = np.asarray(self.snaps.tables(version)["item"]["embedding"])
+    finally:
+      span[1] = time.time()
     if table.shape[1] != self.dim:
       raise snapshots.SnapshotError(
           f"{self.snaps.root}: FM version {version}'s item table has dimension {table.shape[1]}, "
@@ -66,8 +72,9 @@ class TableLoader:
     if version not in self.tables and version not in self.futures:
       self.futures[version] = self.pool.submit(self._load, version)
 
-  def loading(self) -> bool:
-    return any(not f.done() for f in self.futures.values())
+  def loaded_during(self, start: float, end: float) -> bool:
+    """Whether a background load ran at some time between `start` and `end`."""
+    return any(a < end and b > start for a, b in self.loads)
 
   def get(self, version: int) -> np.ndarray:
     if version not in self.tables:
@@ -217,14 +224,15 @@ def build_models(c, data, follow, fm_dim: int, fm_vocab: int):
 
 def apply_all(models, items, params, batch, *, train=False, rng=None):
   """{surface: {key: logits}} of every model on its surface's rows of `batch`."""
-  out = {}
+  out, i = {}, 0
   for name, ms in models.items():
     b = dict(batch["surfaces"][name])
     out[name] = {}
     for k, m in ms.items():
       f = k[len("follow_"):] if k != "alone" else None
       inputs = {**b, "tae": b["tae"][f]} if f else b
-      kw = {"rngs": {"dropout": jax.random.fold_in(rng, hash(name + k) % 2**31)}} if train else {}
+      kw = {"rngs": {"dropout": jax.random.fold_in(rng, i)}} if train else {}
+      i += 1
       out[name][k] = m.apply({"params": params[name][k]}, inputs, items, train=train,
                              fm_table=batch["tables"][f] if f else None, **kw)
   return out
@@ -265,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = StoreSource(c, data, loader, follow, fm_vocab)
   records = os.path.join(workdir, "progressive")
   timing = {"loading": [], "idle": []}
-  last = {"t": None, "loading": False, "versions": {}}
+  last = {"t": None, "versions": {}}
   changes_path = os.path.join(workdir, "version_changes.jsonl")
 
   def evaluate_window(params, w, meta, batches):
@@ -297,8 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def on_batch(state, batch, position):
     jax.block_until_ready(state.params)
     now = time.time()
-    if last["t"] is not None:
-      timing["loading" if last["loading"] else "idle"].append(now - last["t"])
+    if last["t"] is not None:  # the previous step, with the batch that came after it
+      timing["loading" if loader.loaded_during(last["t"], now) else "idle"].append(now - last["t"])
     latest = snaps.latest()
     if latest and "newest" in follow:
       loader.prefetch(latest["version"])  # load ahead of the rows that will need it
@@ -314,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 "delay_s": now - snaps.entry(v)["published_at"]}) + "\n")
     if position["batch"] == 1 and not progressive.done(records, w):
       evaluate_window(state.params, w, meta, batches)
-    last["t"], last["loading"] = time.time(), loader.loading()
+    last["t"] = time.time()
 
   fingerprint = data_load.fingerprint(data, {"follow": list(follow), "fm_dim": fm_dim})
   state, final, report = train_loop(c, workdir, init=lambda rng: init_state(init_params(rng), tx),

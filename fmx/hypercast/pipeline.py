@@ -27,7 +27,7 @@ import ml_collections
 import tqdm
 
 from fmx import files
-from fmx.hypercast import summary
+from fmx.hypercast import snapshots, summary
 from fmx.train import reporting
 from fmx.train.loop import RunError
 
@@ -144,6 +144,19 @@ def supervise(stages: list[Stage], workdir: str, c) -> None:
       b.close()
 
 
+def pin_before_start(c, workdir: str) -> None:
+  """Pins, before the FM can publish (and collect), what the consumers will read: every version
+  from 1 on for the logging tier and the experts that follow the newest (each moves its pin
+  forward as it goes), and each pinned follower's version."""
+  snaps = snapshots.Snapshots(os.path.join(workdir, "snapshots"))
+  for consumer in ("logging", "experts-newest"):
+    if consumer not in snaps.pins():  # a resumed pipeline keeps the pins its stages moved on
+      snaps.pin(consumer, 1, and_newer=True)
+  for f in c.follow:
+    if str(f) != "newest":
+      snaps.pin(f"follow-{f}", int(f))
+
+
 def write_states(stages: list[Stage], workdir: str) -> None:
   files.atomic_write(os.path.join(workdir, "stages.json"), json.dumps(
       {s.name: {"pid": s.proc.pid if s.proc else None, "restarts": s.restarts, "state": s.state}
@@ -157,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stages = [Stage(name, workdir) for name in STAGES]
   for s, cfg in zip(stages, stage_configs(c, workdir).values()):
     write_stage_config(s.config, cfg)
+  pin_before_start(c, workdir)
   supervise(stages, workdir, c)
   results = summary.summarise(workdir, c)
   results.update(restarts={s.name: s.restarts for s in stages},

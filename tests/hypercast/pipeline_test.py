@@ -3,9 +3,11 @@ processes under one supervisor. Exact event accounting for every stage, and agai
 stage is killed (SIGKILL) mid-run and restarted by the supervisor: the same events trained once,
 the same weights, the same TAE rows."""
 
+import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from fmx.data import tae_store
-from fmx.hypercast import event_log, snapshots
+from fmx.data import load as data_load, tae_store
+from fmx.hypercast import event_log, expert_stream, logging_stream, snapshots
+from fmx.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = ["--config.fm.input.synthetic.num_users=80", "--config.progress=False"]
@@ -38,9 +41,9 @@ def accounting(workdir: pathlib.Path) -> dict:
   events = [log.read_window(i) for i in range(len(index["windows"]))]
   seen, impressions = set(), []
   for ev in events:  # every event but a user's first is an impression
-    first = [u not in seen for u in ev["user"]]
-    seen.update(ev["user"].tolist())
-    impressions.append(len(ev) - sum(first))
+    new = set(ev["user"].tolist()) - seen
+    seen |= new
+    impressions.append(len(ev) - len(new))
   K = r["config"]["fm"]["stream"]["publish_every"]
   store = workdir / "store"
   windows = [v for v in tae_store.versions(store) if v.startswith("w")]
@@ -117,3 +120,71 @@ def test_killed_stages_are_restarted_and_resume_exactly(tmp_path, reference):
   assert a["newest"] == ref["newest"]
   assert a["experts"]["rows"] == ref["experts"]["rows"]
   assert a["experts"]["params_sha256"] == ref["experts"]["params_sha256"]
+
+
+def stage_config(workdir, name):
+  """The config the supervisor wrote for stage `name`, as a ConfigDict."""
+  spec = importlib.util.spec_from_file_location(f"stage_{name}", workdir / "stages" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_an_expert_following_a_version_nobody_logs_fails_in_one_line(tmp_path, reference):
+  workdir, _, _ = reference
+  text = (workdir / "stages" / "experts.py").read_text()
+  assert "'follow': ('newest', '1')" in text
+  (tmp_path / "experts.py").write_text(text.replace("'follow': ('newest', '1')", "'follow': ('7',)"))
+  p = subprocess.run([sys.executable, "-m", "fmx.main", f"--config={tmp_path / 'experts.py'}",
+                      f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 2, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("fmx: error:") and "follow=['7']" in last and "Traceback" not in p.stderr
+
+
+def test_rows_or_tables_of_another_dimension_are_refused(reference):
+  workdir, _, _ = reference
+  c = stage_config(workdir, "experts")
+  data = data_load.load(c.input, "surfaces")
+  snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
+  with pytest.raises(snapshots.SnapshotError, match="dimension 64, these experts were built for 5"):
+    expert_stream.TableLoader(snaps, 5).get(snaps.latest()["version"])
+  loader = expert_stream.TableLoader(snaps, 64)
+  source = expert_stream.StoreSource(c, data, loader, ("newest",), snaps.latest()["vocab"])
+  w, meta, shards = next(expert_stream.store_windows(c.stream.store, -1, 0.01, 0))
+  assert source.window_batches(w, meta, shards)  # as logged: accepted
+  meta["followers"][0]["dim"] = 32
+  with pytest.raises(loop.RunError, match="dimension 32, these experts were built for 64"):
+    source.window_batches(w, meta, shards)
+
+
+def test_a_damaged_snapshot_is_named_and_the_logging_tier_rolls_back(tmp_path, reference):
+  workdir, _, _ = reference
+  shutil.copytree(workdir / "snapshots", tmp_path / "snapshots")
+  snaps = snapshots.Snapshots(tmp_path / "snapshots", read_only=True)
+  v = snaps.latest()["version"]
+  for f in (tmp_path / "snapshots" / "orbax" / str(v)).rglob("*"):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[:-100])  # truncated
+  c = stage_config(workdir, "logging")
+  versions = logging_stream.Versions(snaps, data_load.load(c.input, "surfaces"))
+  used, params = versions.get(v)
+  assert used == v - 1 and params
+
+
+def test_a_damaged_store_shard_is_named(tmp_path, reference):
+  workdir, _, _ = reference
+  shutil.copytree(workdir / "store", tmp_path / "store")
+  shard = sorted((tmp_path / "store").glob("w*/shard-00000.npz"))[3]
+  shard.write_bytes(shard.read_bytes()[:-50])
+  with pytest.raises(tae_store.StoreError, match=f"{shard.parent.name}/shard-00000.npz: corrupt"):
+    list(expert_stream.store_windows(tmp_path / "store", -1, 0.01, 0))
+
+
+def test_an_unusable_workdir_fails_before_any_stage_starts(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  p = pipeline(blocker / "run")
+  assert p.returncode == 2 and p.stderr.strip().startswith("fmx: error: --workdir=")
+  assert "cannot create it" in p.stderr and not (blocker.parent / "run").exists()
