@@ -51,7 +51,7 @@ class TableLoader:
   def __init__(self, snaps: snapshots.Snapshots, dim: int):
     self.snaps, self.dim = snaps, dim
     self.pool = concurrent.futures.ThreadPoolExecutor(1)
-    self.futures, self.tables, self.waited = {}, {}, 0.0
+    self.futures, self.tables, self.waits = {}, {}, []  # waits: seconds blocked per version
     self.loads: list[list[float]] = []  # [start, end] wall times of the background loads
 
   def _load(self, version: int) -> np.ndarray:
@@ -81,7 +81,7 @@ class TableLoader:
       self.prefetch(version)
       t0 = time.time()
       self.tables[version] = self.futures.pop(version).result()
-      self.waited += time.time() - t0
+      self.waits.append(time.time() - t0)
     self.tables[version] = self.tables.pop(version)  # most recently used last
     for old in list(self.tables)[:-3]:
       del self.tables[old]
@@ -191,8 +191,10 @@ class StoreSource:
     return batches
 
 
-def model_keys(follow) -> list[str]:
-  return ["alone"] + [f"follow_{f}" for f in follow]
+def slots(follow) -> dict[str, str | None]:
+  """{model key: the FM version it follows}: "alone" (no FM input) and one slot per `follow`
+  entry, named by position, so a pinned slot can move to another version and keep its weights."""
+  return {"alone": None, **{f"follow_{i}": str(f) for i, f in enumerate(follow)}}
 
 
 def build_models(c, data, follow, fm_dim: int, fm_vocab: int):
@@ -203,7 +205,7 @@ def build_models(c, data, follow, fm_dim: int, fm_vocab: int):
   hstu = HSTUConfig.from_model_config(c.model, max_len=c.input.short_len + 1)
   models = {name: {k: Expert(hstu, vocab, int(spec.valid[s].sum()),
                              "none" if k == "alone" else c.model.carrier)
-                   for k in model_keys(follow)} for s, name in enumerate(spec.surfaces)}
+                   for k in slots(follow)} for s, name in enumerate(spec.surfaces)}
   B, T = 2, c.input.short_len
   dummy = {"ids": jnp.zeros((B, T), jnp.int32), "actions": jnp.zeros((B, T), jnp.int32),
            "timestamps": jnp.zeros((B, T), jnp.int32), "lengths": jnp.zeros((B,), jnp.int32),
@@ -222,14 +224,14 @@ def build_models(c, data, follow, fm_dim: int, fm_vocab: int):
   return models, items, init_params
 
 
-def apply_all(models, items, params, batch, *, train=False, rng=None):
+def apply_all(models, items, follow, params, batch, *, train=False, rng=None):
   """{surface: {key: logits}} of every model on its surface's rows of `batch`."""
   out, i = {}, 0
   for name, ms in models.items():
     b = dict(batch["surfaces"][name])
     out[name] = {}
     for k, m in ms.items():
-      f = k[len("follow_"):] if k != "alone" else None
+      f = slots(follow)[k]
       inputs = {**b, "tae": b["tae"][f]} if f else b
       kw = {"rngs": {"dropout": jax.random.fold_in(rng, i)}} if train else {}
       i += 1
@@ -244,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = data.spec
   follow = tuple(str(f) for f in c.stream.follow)
   snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
+  snaps.prune_pins("experts-", {f"experts-{f}" for f in follow})
   snaps.wait(1, c.stream.poll_seconds, c.stream.idle_seconds or None)
   first = snaps.entry(1)
   fm_dim, fm_vocab = int(first["dim"]), int(first["vocab"])
@@ -254,14 +257,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              for s, name in enumerate(spec.surfaces)}
 
   def loss_fn(params, batch, rng):
-    logits = apply_all(models, items, params, batch, train=True, rng=rng)
+    logits = apply_all(models, items, follow, params, batch, train=True, rng=rng)
     total, aux = 0.0, {}
     for name, per_model in logits.items():
       b = batch["surfaces"][name]
       for k, lg in per_model.items():
         valid = b["label_valid"]
         if k != "alone":  # the rows whose follower's FM version was logged
-          valid = valid & b["has"][k[len("follow_"):]][:, None]
+          valid = valid & b["has"][slots(follow)[k]][:, None]
         loss, _ = losses.mtml_bce(lg, b["labels"], valid, weights[name])
         total, aux[f"bce/{name}/{k}"] = total + loss, loss
     return total, aux
@@ -269,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def train_step(state, batch, rng):
     return gradient_step(state, tx, loss_fn, batch, rng)
 
-  predict = jax.jit(lambda p, b: jax.tree.map(probabilities, apply_all(models, items, p, b)))
+  predict = jax.jit(lambda p, b: jax.tree.map(probabilities,
+                                              apply_all(models, items, follow, p, b)))
   source = StoreSource(c, data, loader, follow, fm_vocab)
   records = os.path.join(workdir, "progressive")
   timing = {"loading": [], "idle": []}
@@ -289,8 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cols["valid"].append(full(b["label_valid"]))
         cols["surfaces"].append(np.full(real.sum(), s, np.int32))
         for k, p in out[name].items():
-          if k == "alone" or np.asarray(b["has"][k[len("follow_"):]]).any():
-            probs.setdefault(f"expert_{k}", []).append(full(p))
+          f = slots(follow)[k]
+          if f is None or np.asarray(b["has"][f]).any():
+            probs.setdefault("expert_alone" if f is None else f"expert_follow_{f}", []).append(full(p))
         for f, fp in b["fm_probs"].items():
           probs.setdefault(f"fm_{f}", []).append(full(fp))
     arrays = {k: np.concatenate(v) for k, v in cols.items()}
@@ -324,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluate_window(state.params, w, meta, batches)
     last["t"] = time.time()
 
-  fingerprint = data_load.fingerprint(data, {"follow": list(follow), "fm_dim": fm_dim})
+  fingerprint = data_load.fingerprint(data, {"fm_dim": fm_dim})  # follow may change: slots
   state, final, report = train_loop(c, workdir, init=lambda rng: init_state(init_params(rng), tx),
                                     train_step=train_step, source=source,
                                     evaluate=lambda params, epoch: {}, select=None,
@@ -336,7 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {**final, "rows": final["position"]["rows"], "events": final["position"]["rows"],
              "step_ms_while_loading": ms(timing["loading"]),
              "step_ms_idle": ms(timing["idle"]), "steps_while_loading": len(timing["loading"]),
-             "table_wait_s": round(loader.waited, 3), "dataset": data.name, "follow": list(follow),
+             "table_wait_first_s": round(loader.waits[0], 3) if loader.waits else None,
+             "table_wait_later_s": round(sum(loader.waits[1:]), 3), "dataset": data.name, "follow": list(follow),
              "params_sha256": checkpoint.digest(state.params),
              "config": c.to_dict()}
   reporting.write_results(workdir, results)

@@ -81,9 +81,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = data_load.load(c.input, "surfaces")
   snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
   timeout = c.stream.idle_seconds or None
-  for f in c.stream.follow:  # pinned followers' versions must outlive retention
-    if str(f) != "newest":
-      snaps.pin(f"logging-{f}", int(f))
+  pinned = [str(f) for f in c.stream.follow if str(f) != "newest"]
+  snaps.prune_pins("logging-", {f"logging-{f}" for f in pinned})
+  for f in pinned:  # pinned followers' versions must outlive retention
+    snaps.pin(f"logging-{f}", int(f))
   snaps.wait(1, c.stream.poll_seconds, timeout)
   fm_config = ml_collections.ConfigDict(snaps.entry(1)["config"])
   K, fi = fm_config.stream.publish_every, fm_config.input

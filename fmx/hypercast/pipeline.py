@@ -98,8 +98,8 @@ def progress(workdir: str) -> dict[str, int]:
 
 
 def supervise(stages: list[Stage], workdir: str, c) -> None:
-  bars = {s.name: tqdm.tqdm(desc=f"{s.name:>8}", unit="win", position=i, file=sys.stderr,
-                            disable=not c.progress, dynamic_ncols=True)
+  bars = {s.name: tqdm.tqdm(desc=f"{s.name:>8}", unit=" windows", position=i, file=sys.stderr,
+                            disable=not c.progress, dynamic_ncols=True, mininterval=1.0)
           for i, s in enumerate(stages)}
   try:
     for s in stages:
@@ -123,10 +123,9 @@ def supervise(stages: list[Stage], workdir: str, c) -> None:
           raise RunError(f"stage {s.name} died {s.restarts + 1} times (last exit {code}): "
                          f"{s.last_error()}")
       write_states(stages, workdir)
-      done = progress(workdir)
-      for s in stages:
-        bars[s.name].n = done[s.name]
-        bars[s.name].refresh()
+      for name, n in progress(workdir).items():
+        if n != bars[name].n:
+          bars[name].update(n - bars[name].n)
   except BaseException:
     for s in stages:
       if s.state == "running" and s.proc.poll() is None:
@@ -152,9 +151,10 @@ def pin_before_start(c, workdir: str) -> None:
   for consumer in ("logging", "experts-newest"):
     if consumer not in snaps.pins():  # a resumed pipeline keeps the pins its stages moved on
       snaps.pin(consumer, 1, and_newer=True)
-  for f in c.follow:
-    if str(f) != "newest":
-      snaps.pin(f"follow-{f}", int(f))
+  pinned = [str(f) for f in c.follow if str(f) != "newest"]
+  snaps.prune_pins("follow-", {f"follow-{f}" for f in pinned})
+  for f in pinned:
+    snaps.pin(f"follow-{f}", int(f))
 
 
 def write_states(stages: list[Stage], workdir: str) -> None:

@@ -300,6 +300,13 @@ class Snapshots:
                             "again") from None
     return out
 
+  def prune_pins(self, prefix: str, keep) -> None:
+    """Unpins every consumer named `prefix...` but those in `keep` (a stage whose followed
+    versions changed drops the pins of the ones it no longer reads)."""
+    for consumer in self.pins():
+      if consumer.startswith(prefix) and consumer not in keep:
+        self.pin(consumer, None)
+
   def pins(self) -> dict[str, int]:
     """{consumer: pinned version} (see `pin` for `and_newer`)."""
     return {c: v for c, (v, _) in self._pinned().items()}

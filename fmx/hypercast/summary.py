@@ -138,7 +138,8 @@ def throughput(workdir: str) -> dict:
     out[f"{stage}/{key}"] = r.get(key)
     if r.get(key) is not None and r.get("wall_s"):
       out[f"{stage}/{key}_per_s"] = r[key] / r["wall_s"]
-    for k in ("step_ms_while_loading", "step_ms_idle", "steps_while_loading", "table_wait_s"):
+    for k in ("step_ms_while_loading", "step_ms_idle", "steps_while_loading",
+              "table_wait_first_s", "table_wait_later_s"):
       if k in r:
         out[f"{stage}/{k}"] = r[k]
   return out
@@ -207,6 +208,6 @@ def table(r: dict) -> str:
       lines.append(f"{key:<22}" + "".join(f"{cell(m):>20}" for m in models))
   fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
   extra = [k for k in r if k.startswith(("transfer_ratio", "delay/", "snapshots/")) or
-           k.endswith(("_per_s", "step_ms_while_loading", "step_ms_idle"))]
+           k.endswith(("_per_s", "step_ms_while_loading", "step_ms_idle", "table_wait_later_s"))]
   lines += [""] + [f"{k}: {fmt(r[k])}" for k in extra]
   return "\n".join(lines)
