@@ -19,7 +19,10 @@ CARRIERS = ("none", "tae", "ue", "tae+ue")  # how an expert receives FM knowledg
 # Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint_every_steps",
                      "resume_anyway", "evals.", "mesh.", "input.data_dir", "input.manual_dir",
-                     "input.fetch_wheel", "baseline.", "tae.store", "surfaces", "stream.")
+                     "input.fetch_wheel", "baseline.", "tae.store", "surfaces", "stream.log_dir",
+                     "stream.snapshots", "stream.store", "stream.poll_seconds",
+                     "stream.idle_seconds", "stream.follow", "stream.keep_versions",
+                     "stream.full_every")  # not stream.publish_every: it defines the versions
 
 
 class ConfigError(ValueError):
@@ -52,8 +55,10 @@ POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_si
             "evals.every_epochs", "input.max_len", "input.max_history", "input.num_candidates",
             "input.windows_per_user", "input.short_len", "model.dim", "model.num_layers",
             "model.num_heads", "model.dqk", "model.dv", "model.max_len", "loss.num_negatives",
-            "baseline.num_epochs", "batch_size")
-NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step")
+            "baseline.num_epochs", "batch_size", "stream.publish_every", "stream.full_every",
+            "stream.keep_versions", "window_seconds")
+NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step",
+                "max_windows", "max_restarts")
 
 
 def flatten(c: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
@@ -76,6 +81,14 @@ def check(c: ml_collections.ConfigDict) -> None:
     v, low = flat[key], (1 if key in POSITIVE else 0)
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       raise ConfigError(f"--config.{key}={v!r}: expected an integer >= {low}")
+  for key in ("follow", "stream.follow"):
+    for f in flat.get(key) or ():
+      if str(f) != "newest" and not (str(f).isdigit() and int(f) >= 1):
+        raise ConfigError(f"--config.{key}: entry {f!r}: expected 'newest' or an FM version "
+                          "number >= 1")
+  v = flat.get("user_fraction")
+  if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+    raise ConfigError(f"--config.user_fraction={v!r}: expected a fraction in (0, 1]")
   for key in ("optimizer.lr", "loss.temperature", "model.dropout"):
     v = flat.get(key)
     if v is not None and not (isinstance(v, (int, float)) and v == v and abs(v) != float("inf")):

@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if dataset == "ml-1m" and "full" not in words:
     c.producer.max_windows = 150
     c.producer.user_fraction = 0.35
+    c.producer.speed = 2.5 * 86_400  # 2.5 simulated days per wall second: 150 days in a minute
   if dataset == "synthetic":
     c.fm.input.synthetic.num_users = 300
     c.producer.max_windows = 40

@@ -190,6 +190,20 @@ def versions(root) -> list[str]:
   return sorted(p.name for p in dirs if p.is_dir() and _SAFE.fullmatch(p.name))
 
 
+# A streaming store holds one version per window of the event log, `w<window:06d>`, and
+# `CLOSED` once the logging tier has logged the last window of a closed log.
+CLOSED = "closed.json"
+
+
+def window_version(window: int) -> str:
+  return f"w{window:06d}"
+
+
+def windows(root) -> list[int]:
+  """The windows committed in a streaming store, sorted."""
+  return [int(v[1:]) for v in versions(root) if re.fullmatch(r"w\d{6}", v)]
+
+
 def version_meta(root, fm_version: str) -> dict:
   """The meta given when `fm_version` was written, plus its `rows` and `shards` counts and the
   shards' `sha256` (which identify the version's content)."""

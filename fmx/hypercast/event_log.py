@@ -161,9 +161,13 @@ def produce(data: CrossSurfaceData, root: os.PathLike | str, window_seconds: int
     if index["windows"] and any(index.get(k) != v for k, v in header.items()):
       raise LogError(f"{root / INDEX} holds a log of {({k: index.get(k) for k in header})}, not "
                      f"{header}: use another log directory")
-    index = {**header, "closed": False, "windows": index["windows"]}
-    t0 = int(events["timestamp"][0]) if len(events) else 0
     stop = len(bounds) if max_windows is None else min(len(bounds), max_windows)
+    if index["closed"] and len(index["windows"]) != stop:
+      raise LogError(f"{root / INDEX}: the log was closed after {len(index['windows'])} windows "
+                     f"and consumers may have finished with it; replay {stop} windows into "
+                     "another log directory")
+    index = {**header, "closed": index["closed"], "windows": index["windows"]}
+    t0 = int(events["timestamp"][0]) if len(events) else 0
     for s, e, number in bounds[len(index["windows"]):stop]:
       entry = {"file": f"window-{len(index['windows']):06d}.array_record",
                "first_offset": s, "events": e - s, "t_start": t0 + number * window_seconds,

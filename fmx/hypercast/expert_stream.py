@@ -20,7 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import re
+import sys
 import time
 
 import jax
@@ -34,13 +34,11 @@ from fmx.hypercast import progressive, snapshots
 from fmx.models.embeddings import padded_vocab
 from fmx.runtime import checkpoint
 from fmx.models.expert import Expert
-from fmx.models.foundation import probabilities
 from fmx.models.hstu import HSTUConfig
 from fmx.train import losses, reporting
 from fmx.train.loop import RunError, require_finite, train_loop
 from fmx.train.state import gradient_step, init_state, make_optimizer
 
-CLOSED = "closed.json"  # written into the store by the logging tier when it logged the last window
 INPUTS = ("ids", "actions", "timestamps", "lengths", "cand", "request_time", "labels",
           "label_valid")
 
@@ -89,25 +87,29 @@ class TableLoader:
 
 
 def store_windows(store: str, after: int, poll: float, timeout: float | None):
-  """Yields (window, meta, shards) of the store's windows after `after`, tailing it until the
-  logging tier has closed it."""
-  waited = 0.0
+  """Yields (window, meta, shards) of the store's windows after `after`, in order and without
+  gaps (a missing window, e.g. a damaged one deleted for the logging tier to redo, is waited
+  for), tailing the store until the logging tier has closed it."""
+  waited, warned = 0.0, False
   while True:
-    new = sorted(int(v[1:]) for v in tae_store.versions(store)
-                 if re.fullmatch(r"w\d{6}", v) and int(v[1:]) > after)
-    for w in new:
-      key = f"w{w:06d}"
-      meta = tae_store.version_meta(store, key)
-      yield w, meta, [a for _, a in tae_store.read(store, key)]
-      after, waited = w, 0.0
-    if not new:
-      if os.path.exists(os.path.join(store, CLOSED)) and not any(
-          int(v[1:]) > after for v in tae_store.versions(store) if re.fullmatch(r"w\d{6}", v)):
-        return
-      if timeout is not None and waited >= timeout:
-        return
-      time.sleep(poll)
-      waited += poll
+    present = tae_store.windows(store)
+    later = [w for w in present if w > after]
+    nxt = after + 1 if after >= 0 else (later[0] if later else None)
+    if nxt is not None and nxt in present:
+      key = tae_store.window_version(nxt)
+      yield nxt, tae_store.version_meta(store, key), [a for _, a in tae_store.read(store, key)]
+      after, waited = nxt, 0.0
+      continue
+    if later and not warned:
+      print(f"fmx: warning: {store}: window {nxt} is missing while later ones are there; "
+            "waiting for the logging tier to log it", file=sys.stderr)
+      warned = True
+    if not later and os.path.exists(os.path.join(store, tae_store.CLOSED)):
+      return
+    if timeout is not None and waited >= timeout:
+      return
+    time.sleep(poll)
+    waited += poll
 
 
 class StoreSource:
@@ -247,9 +249,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   follow = tuple(str(f) for f in c.stream.follow)
   snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
   snaps.prune_pins("experts-", {f"experts-{f}" for f in follow})
+  for f in follow:  # a pinned follower's version outlives retention
+    if f != "newest":
+      snaps.pin(f"experts-{f}", int(f))
   snaps.wait(1, c.stream.poll_seconds, c.stream.idle_seconds or None)
-  first = snaps.entry(1)
-  fm_dim, fm_vocab = int(first["dim"]), int(first["vocab"])
+  latest = snaps.latest()
+  fm_dim, fm_vocab = int(latest["dim"]), int(latest["vocab"])
   loader = TableLoader(snaps, fm_dim)
   models, items, init_params = build_models(c, data, follow, fm_dim, fm_vocab)
   tx = make_optimizer(c.optimizer)
@@ -272,13 +277,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def train_step(state, batch, rng):
     return gradient_step(state, tx, loss_fn, batch, rng)
 
-  predict = jax.jit(lambda p, b: jax.tree.map(probabilities,
+  predict = jax.jit(lambda p, b: jax.tree.map(jax.nn.sigmoid,  # the heads' probabilities
                                               apply_all(models, items, follow, p, b)))
   source = StoreSource(c, data, loader, follow, fm_vocab)
   records = os.path.join(workdir, "progressive")
   timing = {"loading": [], "idle": []}
-  last = {"t": None, "versions": {}}
   changes_path = os.path.join(workdir, "version_changes.jsonl")
+  last = {"t": None, "versions": recorded_versions(changes_path), "seen": []}
 
   def evaluate_window(params, w, meta, batches):
     cols = {k: [] for k in ("labels", "valid", "surfaces")}
@@ -316,15 +321,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if latest and "newest" in follow:
       loader.prefetch(latest["version"])  # load ahead of the rows that will need it
     w, meta, batches = source.current
+    step = int(state.step)
     for f in meta["followers"]:
       v = f["fm_version"]
-      if last["versions"].get(f["follow"]) != v:
+      if f["follow"] == "newest" and (not last["seen"] or last["seen"][-1][1] != v):
+        last["seen"].append((step, v))
+      if last["versions"].get(f["follow"]) != v:  # a version change, recorded once
         last["versions"][f["follow"]] = v
-        snaps.pin(f"experts-{f['follow']}", v, and_newer=f["follow"] == "newest")
         with open(changes_path, "a") as out:
           out.write(json.dumps({"follow": f["follow"], "fm_version": v, "window": w,
-                                "step": int(state.step), "wall": now,
+                                "step": step, "wall": now,
                                 "delay_s": now - snaps.entry(v)["published_at"]}) + "\n")
+    # The newest follower's pin moves to a version only once a committed checkpoint lies past
+    # the step it arrived at (a restart re-reads that window and needs its table).
+    every = c.checkpoint_every_steps
+    committed = (step // every - 1) * every if every else -1
+    safe = [v for s0, v in last["seen"] if s0 <= committed]
+    if safe and safe[-1] != last.get("pinned"):
+      snaps.pin("experts-newest", safe[-1], and_newer=True)
+      last["pinned"] = safe[-1]
     if position["batch"] == 1 and not progressive.done(records, w):
       evaluate_window(state.params, w, meta, batches)
     last["t"] = time.time()
@@ -347,6 +362,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "config": c.to_dict()}
   reporting.write_results(workdir, results)
   return results
+
+
+def recorded_versions(path: str) -> dict[str, int]:
+  """{follow: FM version} of the newest change each follower recorded in `path` (a restarted
+  expert does not record again the version it resumes on)."""
+  out = {}
+  if os.path.exists(path):
+    for line in open(path):
+      try:
+        change = json.loads(line)
+        out[change["follow"]] = change["fm_version"]
+      except (ValueError, KeyError, TypeError):
+        continue  # a line cut by a kill
+  return out
 
 
 def _full(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:

@@ -36,6 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = WindowSource(c.stream.log_dir, data, c.input.max_history, c.input.num_candidates,
                         c.input.batch_size, c.stream.poll_seconds, c.stream.idle_seconds or None)
   log = source.log.index()
+  while not log["windows"] and not log.get("closed"):  # the header comes with the first window
+    time.sleep(c.stream.poll_seconds)
+    log = source.log.index()
   fingerprint = data_load.fingerprint(
       data, {k: log.get(k) for k in ("dataset", "window_seconds", "num_tasks", "user_fraction")})
   snaps = snapshots.Snapshots(c.stream.snapshots) if c.stream.get("snapshots") else None

@@ -33,12 +33,6 @@ from fmx.hypercast.window_source import WindowSource
 from fmx.runtime import fm as fm_runtime
 from fmx.train import reporting
 
-CLOSED = "closed.json"  # in the store: the logging tier has logged every window of a closed log
-
-
-def window_key(w: int) -> str:
-  return f"w{w:06d}"
-
 
 class Versions:
   """Restored FM parameters by version, on one compiled FM (a version only swaps parameters)."""
@@ -86,21 +80,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for f in pinned:  # pinned followers' versions must outlive retention
     snaps.pin(f"logging-{f}", int(f))
   snaps.wait(1, c.stream.poll_seconds, timeout)
-  fm_config = ml_collections.ConfigDict(snaps.entry(1)["config"])
+  fm_config = ml_collections.ConfigDict(snaps.latest()["config"])  # K and the FM's windows
   K, fi = fm_config.stream.publish_every, fm_config.input
-  done = tae_store.versions(c.stream.store)
-  start = max([K] + [int(v[1:]) + 1 for v in done if v.startswith("w")])
+  done = set(tae_store.windows(c.stream.store))
+  start = min(set(range(K, max(done | {K}) + 2)) - done)  # the first window not committed
   source = WindowSource(c.stream.log_dir, data, fi.max_history, fi.num_candidates,
                         c.batch_size, c.stream.poll_seconds, timeout)
   versions = Versions(snaps, data)
-  windows = rows = 0
   for w, events, batches in source.windows(start):
+    if w in done:
+      continue
     newest = w // K
     snaps.pin("logging", newest, and_newer=True)  # this window's version and every later one
     snaps.wait(newest, c.stream.poll_seconds, timeout)
     entry = source.log.index()["windows"][w]
     meta = {"window": w, "t_start": entry["t_start"], "t_end": entry["t_end"],
-            "events": int(len(events)), "dataset": data.name, "followers": []}
+            "events": int(len(events)), "dataset": data.name, "followers": [],
+            "impressions": sum(int(b["num_targets"].sum()) for b in batches)}
     shards = []
     for follow in c.stream.follow:
       want = newest if follow == "newest" else int(follow)
@@ -110,14 +106,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       meta["followers"].append({"follow": str(follow), "fm_version": used,
                                 "dim": int(versions.fm.model.config.dim)})
       shards.append(arrays)
-    with tae_store.write_version(c.stream.store, window_key(w), meta) as writer:
+    with tae_store.write_version(c.stream.store, tae_store.window_version(w), meta) as writer:
       for arrays in shards or [{"user": np.zeros(0, np.int32)}]:  # a version needs a shard
         writer.write_shard(arrays)
-    windows, rows = windows + 1, rows + len(shards[0]["user"]) if shards else rows
   if source.log.index()["closed"]:  # tell the experts the store is complete
-    files.atomic_write(os.path.join(c.stream.store, CLOSED),
-                       json.dumps({"windows": len(tae_store.versions(c.stream.store))}))
-  results = {"windows": windows, "rows": rows, "steps": 0,
-             "wall_s": round(time.time() - t0, 2), "config": c.to_dict()}
+    files.atomic_write(os.path.join(c.stream.store, tae_store.CLOSED),
+                       json.dumps({"windows": len(tae_store.windows(c.stream.store))}))
+  logged = tae_store.windows(c.stream.store)  # totals over every run of this stage
+  results = {"windows": len(logged), "steps": 0, "wall_s": round(time.time() - t0, 2),
+             "rows": sum(tae_store.version_meta(c.stream.store, tae_store.window_version(w))
+                         .get("impressions", 0) for w in logged), "config": c.to_dict()}
   reporting.write_results(workdir, results)
   return results

@@ -27,6 +27,8 @@ import ml_collections
 import tqdm
 
 from fmx import files
+from fmx.configs import common
+from fmx.data import load as data_load
 from fmx.hypercast import snapshots, summary
 from fmx.train import reporting
 from fmx.train.loop import RunError
@@ -64,6 +66,7 @@ class Stage:
     self.config = os.path.join(workdir, "stages", f"{name}.py")
     self.log = os.path.join(workdir, "logs", f"{name}.log")
     self.proc, self.restarts, self.state = None, 0, "waiting"
+    self.started, self.seconds = 0.0, 0.0  # wall seconds of all its processes
 
   def start(self) -> None:
     out = open(self.log, "a")
@@ -73,15 +76,24 @@ class Stage:
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "fmx.main", f"--config={self.config}",
          f"--workdir={os.path.join(self.workdir, WORKDIRS.get(self.name, self.name))}"],
-        stdout=out, stderr=out, env=env)
+        stdout=out, stderr=out, env=env, preexec_fn=_end_with_parent)
     out.close()
-    self.state = "running"
+    self.state, self.started = "running", time.time()
+
+  def ended(self) -> None:
+    self.seconds += time.time() - self.started
 
   def last_error(self) -> str:
     with open(self.log) as f:
       lines = [l.strip() for l in f if l.strip()]
     errors = [l for l in lines if l.startswith("fmx: error:")]
     return (errors or lines[-1:] or [""])[-1] + f" (log: {self.log})"
+
+
+def _end_with_parent() -> None:
+  """In a stage process: receive SIGTERM (checkpoint and stop) when the supervisor dies."""
+  import ctypes
+  ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def progress(workdir: str) -> dict[str, int]:
@@ -110,6 +122,7 @@ def supervise(stages: list[Stage], workdir: str, c) -> None:
         code = s.proc.poll() if s.state == "running" else None
         if code is None:
           continue
+        s.ended()
         if code == 0:
           s.state = "done"
         elif code == 2:
@@ -167,14 +180,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c, t0 = config, time.time()
   for sub in ("stages", "logs"):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+  configs = stage_configs(c, workdir)
+  for name, cfg in configs.items():  # every stage's config can run, before any starts
+    try:
+      common.check(ml_collections.ConfigDict(cfg))
+    except common.ConfigError as e:
+      raise common.ConfigError(str(e).replace("--config.", f"--config.{name}.", 1)) from None
+  K, last = c.fm.stream.publish_every, c.producer.max_windows
+  if last and last <= K:
+    raise common.ConfigError(f"--config.producer.max_windows={last}: the log needs more windows "
+                             f"than fm.stream.publish_every={K}, or no window has an FM version")
+  data_load.load(c.fm.input, "surfaces")  # fetched and built once, not by four stages at once
   stages = [Stage(name, workdir) for name in STAGES]
-  for s, cfg in zip(stages, stage_configs(c, workdir).values()):
-    write_stage_config(s.config, cfg)
+  for s in stages:
+    write_stage_config(s.config, configs[s.name])
   pin_before_start(c, workdir)
   supervise(stages, workdir, c)
-  results = summary.summarise(workdir, c)
+  results = summary.summarise(workdir, c, {s.name: s.seconds for s in stages})
   results.update(restarts={s.name: s.restarts for s in stages},
                  wall_s=round(time.time() - t0, 2), steps=0, config=c.to_dict())
   print(summary.table(results))
   reporting.write_results(workdir, results)
+  summary.plot(workdir)
   return results

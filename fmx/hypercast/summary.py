@@ -10,14 +10,17 @@ Models (keys of `results.json`, each `<model>/ne/<surface>/<task>` and `/auc/`):
   alone       the expert-alone baseline (no FM input)
 `rel_ne/<surface>/<task>` is the expert's NE relative to the alone baseline's, in percent.
 The transfer ratio TR = (NE(expert_vP) - NE(expert)) / (NE(fm_vP) - NE(fm)) is computed on the
-rows logged with both versions (where they differ), per surface and main task; `transfer_ratio`
-is their mean.
+rows logged with both versions (where they differ), with the NE gains summed over every
+surface's main tasks (`transfer/fm_gain/...` and `transfer/expert_gain/...` give each).
+`fm_stream` also covers the first K windows, before the first FM version; the other models
+start at window K. The FM is scored on its own tasks only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -45,14 +48,17 @@ def _name(model: str) -> str:
   return f"fm_v{model[3:]}" if model.startswith("fm_") else model
 
 
-def summarise(workdir: str, c) -> dict:
+def summarise(workdir: str, c, stage_seconds: dict[str, float]) -> dict:
+  """The results of a finished pipeline in `workdir`; `stage_seconds` are the wall seconds of
+  all the processes each stage ran (restarts included)."""
   data = data_load.load(c.fm.input, "surfaces")
   spec = data.spec
   fm_records = progressive.read_all(os.path.join(workdir, "fm", "progressive"))
   ex_records = progressive.read_all(os.path.join(workdir, "experts", "progressive"))
   out = {"dataset": data.name, "surfaces": list(spec.surfaces), "tasks": list(spec.tasks)}
   for model in progressive.models(ex_records):
-    for k, v in progressive.scores(ex_records, model, spec).items():
+    tasks = spec.fm_tasks if model.startswith("fm_") else None  # the FM's heads: its tasks only
+    for k, v in progressive.scores(ex_records, model, spec, tasks).items():
       out[f"{_name(model)}/{k}"] = v
   for k, v in progressive.scores(fm_records, "fm", spec, spec.fm_tasks).items():
     out[f"fm_stream/{k}"] = v
@@ -62,40 +68,37 @@ def summarise(workdir: str, c) -> dict:
       out[f"rel_ne/{rest}"] = 100.0 * (out[key] / out[f"alone/ne/{rest}"] - 1.0)
   out["ne_mean"] = metrics.ne_mean({k[len("expert/"):]: v for k, v in out.items()
                                     if k.startswith("expert/ne/")}) if ex_records else None
-  out.update(transfer(ex_records, spec))
+  out.update(transfer(ex_records, spec, c.follow))
   out.update(delays(workdir, c, fm_records, ex_records))
-  out.update(throughput(workdir))
+  out.update(throughput(workdir, stage_seconds))
   out.update(publishing(workdir))
   write_per_window(workdir, fm_records, ex_records, spec)
   return out
 
 
-def transfer(records, spec) -> dict:
-  pinned = [m for m in progressive.models(records)
-            if m.startswith("expert_follow_") and m != "expert_follow_newest"]
-  if not pinned:
+def transfer(records, spec, follow) -> dict:
+  pinned = [str(f) for f in follow if str(f) != "newest"]
+  if not pinned or "newest" not in [str(f) for f in follow]:
     return {}
-  p = pinned[0][len("expert_follow_"):]
+  p = pinned[0]
   both = [r for r in records if f"probs/expert_follow_{p}" in r[1] and "probs/fm_newest" in r[1]
           and r[2]["fm_versions"].get("newest") != r[2]["fm_versions"].get(p)]
   if not both:
     return {"transfer/pinned_version": int(p), "transfer/rows": 0}
   s = {m: progressive.scores(both, m, spec) for m in
        ("expert_follow_newest", f"expert_follow_{p}", "fm_newest", f"fm_{p}")}
-  out, ratios = {"transfer/pinned_version": int(p),
-                 "transfer/rows": int(sum(len(r[1]["labels"]) for r in both))}, []
+  out = {"transfer/pinned_version": int(p),
+         "transfer/rows": int(sum(len(r[1]["labels"]) for r in both))}
+  gains = []  # (FM NE gain, expert NE gain) from the pinned version to the newest
   for sname in spec.surfaces:
     for task in main_tasks(spec):
       key = f"ne/{sname}/{task}"
       if all(key in v for v in s.values()):
-        d_fm = s[f"fm_{p}"][key] - s["fm_newest"][key]
-        d_ex = s[f"expert_follow_{p}"][key] - s["expert_follow_newest"][key]
-        out[f"transfer/fm_gain/{sname}/{task}"] = d_fm
-        out[f"transfer/expert_gain/{sname}/{task}"] = d_ex
-        if abs(d_fm) > 1e-9:
-          out[f"tr/{sname}/{task}"] = d_ex / d_fm
-          ratios.append(d_ex / d_fm)
-  out["transfer_ratio"] = float(np.mean(ratios)) if ratios else None
+        gains.append((s[f"fm_{p}"][key] - s["fm_newest"][key],
+                      s[f"expert_follow_{p}"][key] - s["expert_follow_newest"][key]))
+        out[f"transfer/fm_gain/{sname}/{task}"], out[f"transfer/expert_gain/{sname}/{task}"] = gains[-1]
+  fm_gain = sum(g for g, _ in gains)
+  out["transfer_ratio"] = sum(e for _, e in gains) / fm_gain if abs(fm_gain) > 1e-9 else None
   return out
 
 
@@ -113,9 +116,8 @@ def delays(workdir: str, c, fm_records, ex_records) -> dict:
   path = os.path.join(workdir, "experts", "version_changes.jsonl")
   if os.path.exists(path):
     seen = set()
-    for line in open(path):
-      ch = json.loads(line)
-      if ch["follow"] == "newest" and ch["fm_version"] not in seen:
+    for ch in _json_lines(path):
+      if ch.get("follow") == "newest" and ch.get("fm_version") not in seen:
         seen.add(ch["fm_version"])
         changes.append(ch["delay_s"])
   out = {"delay/data_to_fm_s": med(fm), "delay/data_to_experts_s": med(ex),
@@ -127,7 +129,19 @@ def delays(workdir: str, c, fm_records, ex_records) -> dict:
   return out
 
 
-def throughput(workdir: str) -> dict:
+def _json_lines(path: str) -> list[dict]:
+  """The JSON objects of a `.jsonl` file, skipping a line a kill cut short."""
+  out = []
+  for line in open(path):
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      continue
+  return out
+
+
+def throughput(workdir: str, stage_seconds: dict[str, float]) -> dict:
+  """Events (or rows) per wall second of every process each stage ran, restarts included."""
   out = {}
   for stage, key in (("producer", "events"), ("fm", "events"), ("logging", "rows"),
                      ("experts", "rows")):
@@ -136,8 +150,8 @@ def throughput(workdir: str) -> dict:
     except (OSError, ValueError):
       continue
     out[f"{stage}/{key}"] = r.get(key)
-    if r.get(key) is not None and r.get("wall_s"):
-      out[f"{stage}/{key}_per_s"] = r[key] / r["wall_s"]
+    if r.get(key) is not None and stage_seconds.get(stage):
+      out[f"{stage}/{key}_per_s"] = r[key] / stage_seconds[stage]
     for k in ("step_ms_while_loading", "step_ms_idle", "steps_while_loading",
               "table_wait_first_s", "table_wait_later_s"):
       if k in r:
@@ -149,7 +163,7 @@ def publishing(workdir: str) -> dict:
   path = os.path.join(workdir, "fm", "publish.jsonl")
   if not os.path.exists(path):
     return {}
-  entries = {e["version"]: e for e in map(json.loads, open(path))}.values()
+  entries = {e["version"]: e for e in _json_lines(path)}.values()
   by = {k: [e["bytes"] for e in entries if e["kind"] == k] for k in ("full", "delta")}
   out = {"snapshots/versions": len(entries),
          "snapshots/full_bytes": float(np.mean(by["full"])) if by["full"] else None,
@@ -160,26 +174,32 @@ def publishing(workdir: str) -> dict:
 
 
 def write_per_window(workdir: str, fm_records, ex_records, spec) -> None:
+  """`metrics.jsonl`: per window, the mean NE of every model (the FM's over its own tasks)."""
   rows = {}
-  for w, _, _ in fm_records:
-    rows.setdefault(w, {"window": w})
   for records, models in ((fm_records, ["fm"]), (ex_records, progressive.models(ex_records))):
     for w, arrays, info in records:
       for m in models:
         if f"probs/{m}" in arrays:
-          s = progressive.scores([(w, arrays, info)], m, spec)
+          tasks = spec.fm_tasks if m == "fm" or m.startswith("fm_") else None
+          s = progressive.scores([(w, arrays, info)], m, spec, tasks)
           if any(k.startswith("ne/") for k in s):
-            rows.setdefault(w, {"window": w})[f"ne_mean/{'fm_stream' if m == 'fm' else _name(m)}"] = metrics.ne_mean(s)
+            name = "fm_stream" if m == "fm" else _name(m)
+            rows.setdefault(w, {"window": w})[f"ne_mean/{name}"] = metrics.ne_mean(s)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for w in sorted(rows):
       f.write(json.dumps(rows[w]) + "\n")
-  plot(workdir, [rows[w] for w in sorted(rows)])
 
 
-def plot(workdir: str, rows: list[dict]) -> None:
-  import matplotlib
+def plot(workdir: str) -> None:
+  """`ne_per_window.png` from `metrics.jsonl` (skipped, with a warning, without matplotlib)."""
+  try:
+    import matplotlib
+  except ImportError:
+    print("fmx: warning: no plot (pip install 'fmx[experiments]' for matplotlib)", file=sys.stderr)
+    return
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  rows = _json_lines(os.path.join(workdir, "metrics.jsonl"))
   fig, ax = plt.subplots(figsize=(8, 4))
   for key in sorted({k for r in rows for k in r if k.startswith("ne_mean/")}):
     pts = [(r["window"], r[key]) for r in rows if key in r]

@@ -1,6 +1,7 @@
 """The event log: every event once, in time order, in windows of simulated time; a producer that
 resumes; consumers that tail a growing log and never see a partial or damaged window."""
 
+import json
 import threading
 
 import numpy as np
@@ -44,10 +45,12 @@ def test_windows_hold_every_event_once_in_time_order(tmp_path, data):
 
 def test_a_resumed_producer_writes_the_same_log(tmp_path, data):
   event_log.produce(data, tmp_path / "once", window_seconds=DAY)
-  assert event_log.produce(data, tmp_path / "parts", window_seconds=DAY, max_windows=3) == 3
-  assert event_log.EventLog(tmp_path / "parts").index()["closed"]  # a log of the first 3 windows
+  event_log.produce(data, tmp_path / "parts", window_seconds=DAY)
+  index = json.loads((tmp_path / "parts" / "index.json").read_text())
+  index.update(closed=False, windows=index["windows"][:3])  # as a producer killed after window 3
+  (tmp_path / "parts" / "index.json").write_text(json.dumps(index))
   (tmp_path / "parts" / ".window-000003.array_record.tmp").write_bytes(b"killed mid-write")
-  event_log.produce(data, tmp_path / "parts", window_seconds=DAY)  # extended to all windows
+  event_log.produce(data, tmp_path / "parts", window_seconds=DAY)
   once, parts = (event_log.EventLog(tmp_path / d).index() for d in ("once", "parts"))
   for index in (once, parts):
     for w in index["windows"]:
@@ -55,6 +58,19 @@ def test_a_resumed_producer_writes_the_same_log(tmp_path, data):
   assert once == parts  # same windows, same checksums
   with pytest.raises(event_log.LogError, match="use another log directory"):
     event_log.produce(data, tmp_path / "parts", window_seconds=3600)
+
+
+def test_a_closed_log_is_never_extended_and_users_can_be_sampled(tmp_path, data):
+  assert event_log.produce(data, tmp_path / "first3", window_seconds=DAY, max_windows=3) == 3
+  assert event_log.EventLog(tmp_path / "first3").index()["closed"]
+  with pytest.raises(event_log.LogError, match="closed after 3 windows"):
+    event_log.produce(data, tmp_path / "first3", window_seconds=DAY)
+  event_log.produce(data, tmp_path / "half", window_seconds=DAY, user_fraction=0.5)
+  users = np.unique(np.concatenate(all_events(tmp_path / "half"))["user"])
+  keep = np.random.default_rng(0).random(data.num_users) < 0.5
+  np.testing.assert_array_equal(users, np.flatnonzero(keep))  # every event of the sampled users
+  assert sum(len(e) for e in all_events(tmp_path / "half")) == sum(
+      len(s) for s, k in zip(data.item_ids, keep) if k)
 
 
 def test_a_consumer_tails_the_growing_log(tmp_path, data):

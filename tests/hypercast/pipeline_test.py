@@ -52,7 +52,7 @@ def accounting(workdir: pathlib.Path) -> dict:
     meta = tae_store.version_meta(store, v)
     i = [f["follow"] for f in meta["followers"]].index("newest")
     newest[int(v[1:])] = (meta["followers"][i]["fm_version"],
-                          len(list(tae_store.read(store, v))[i][1]["user"]))
+                          len(list(tae_store.read(store, v))[i][1]["user"]), meta["sha256"])
   stage = lambda name: json.loads((workdir / name / "results.json").read_text())
   return {"r": r, "impressions": impressions, "K": K, "newest": newest,
           "fm": stage("fm"), "logging": stage("logging"), "experts": stage("experts"),
@@ -73,11 +73,11 @@ def test_every_stage_takes_every_event_once(reference):
   K, W = a["K"], len(a["impressions"])
   assert a["fm"]["events"] == sum(a["impressions"])  # the FM trained every impression once
   assert sorted(a["newest"]) == list(range(K, W))  # every window from the first FM version on
-  for w, (version, rows) in a["newest"].items():
+  for w, (version, rows, _) in a["newest"].items():
     assert version == w // K  # the newest version published before the window, never later
     assert rows == a["impressions"][w]  # every impression of the window logged once
   assert a["logging"]["windows"] == W - K
-  assert a["experts"]["rows"] == sum(rows for _, rows in a["newest"].values())
+  assert a["experts"]["rows"] == sum(rows for _, rows, _ in a["newest"].values())
   assert a["versions"][-1] == (W - 1) // K  # every version the windows needed was published
   assert "progressive NE (AUC)" in stdout and (workdir / "ne_per_window.png").stat().st_size > 0
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -87,6 +87,7 @@ def test_every_stage_takes_every_event_once(reference):
               "fm_stream/ne/s0/like", "delay/publish_to_experts_s", "snapshots/delta_bytes"):
     assert np.isfinite(r[key]), key
   assert r["snapshots/delta_bytes"] < r["snapshots/full_bytes"]
+  assert r["experts/rows_per_s"] > 0 and r["logging/rows"] == a["experts"]["rows"]
 
 
 def test_killed_stages_are_restarted_and_resume_exactly(tmp_path, reference):
@@ -117,7 +118,7 @@ def test_killed_stages_are_restarted_and_resume_exactly(tmp_path, reference):
   assert all(restarts[n] >= 1 for n in killed), restarts
   assert a["fm"]["events"] == ref["fm"]["events"]
   assert a["fm"]["params_sha256"] == ref["fm"]["params_sha256"]  # same events, same order, once
-  assert a["newest"] == ref["newest"]
+  assert a["newest"] == ref["newest"]  # the same FM version, rows and TAE bytes per window
   assert a["experts"]["rows"] == ref["experts"]["rows"]
   assert a["experts"]["params_sha256"] == ref["experts"]["params_sha256"]
 
