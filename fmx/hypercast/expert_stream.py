@@ -317,9 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     now = time.time()
     if last["t"] is not None:  # the previous step, with the batch that came after it
       timing["loading" if loader.loaded_during(last["t"], now) else "idle"].append(now - last["t"])
-    latest = snaps.latest()
-    if latest and "newest" in follow:
-      loader.prefetch(latest["version"])  # load ahead of the rows that will need it
+    if "newest" in follow:  # load the next version ahead of the rows that will need it
+      after = last["versions"].get("newest", 0)
+      upcoming = [e["version"] for e in snaps.versions() if e["version"] > after]
+      if upcoming:
+        loader.prefetch(min(upcoming))
     w, meta, batches = source.current
     step = int(state.step)
     for f in meta["followers"]:
