@@ -140,13 +140,15 @@ class StoreSource:
   def window_batches(self, w: int, meta: dict, shards: list[dict]) -> list[dict]:
     """Batches of `batch_size` rows per surface (padded rows are not `real`)."""
     present = {f["follow"]: (f, shards[i]) for i, f in enumerate(meta.get("followers", []))}
-    unknown = set(present) - set(self.follow)
     if not present or not len(next(iter(present.values()))[1]["user"]):
       return []
-    if not set(self.follow) & set(present) and unknown:
-      raise RunError(f"{self.c.stream.store} window {w}: rows for follow={sorted(present)}, "
-                     f"none for this expert's follow={list(self.follow)}: set "
-                     "--config.stream.follow to versions the logging tier logs")
+    # an entry may be absent only while its pinned version is newer than the window's FM
+    newest = max(f["fm_version"] for f, _ in present.values())
+    missing = [f for f in self.follow if f not in present and (f == "newest" or int(f) <= newest)]
+    if missing:
+      raise RunError(f"{self.c.stream.store} window {w}: the logging tier logs follow="
+                     f"{sorted(present)}, not {missing}: set --config.stream.follow to versions "
+                     "it logs, or add them to the logging tier's stream.follow")
     dim = self.loader.dim
     tables, rows_of = {}, {}
     for f in self.follow:
@@ -161,7 +163,7 @@ class StoreSource:
         rows_of[f] = rows
       else:
         tables[f] = np.zeros((self.fm_vocab, dim), np.float32)
-    base = next(iter(rows_of.values()))
+    base = next(iter(present.values()))[1]  # the rows (and inputs) every shard shares
     B, spec = self.c.input.batch_size, self.data.spec
     per_surface = {}
     for s, name in enumerate(spec.surfaces):
@@ -355,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report.close()
   loader.pool.shutdown()
   ms = lambda xs: round(1000 * float(np.median(xs)), 2) if xs else None
-  results = {**final, "rows": final["position"]["rows"], "events": final["position"]["rows"],
+  results = {**final, "rows": final["position"]["rows"],
              "step_ms_while_loading": ms(timing["loading"]),
              "step_ms_idle": ms(timing["idle"]), "steps_while_loading": len(timing["loading"]),
              "table_wait_first_s": round(loader.waits[0], 3) if loader.waits else None,

@@ -66,7 +66,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if position["batch"] != 1:  # only before a window's first batch
       return
     w, events, batches = source.current
-    new = publish(state.params, w, int(state.step)) if snaps else []
+    if snaps:
+      publish(state.params, w, int(state.step))
     if not progressive.done(records, w):
       col = fm_train.collect(predict, state.params, batches)
       require_finite(col["probs"], "predictions")
@@ -74,10 +75,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        data.spec, data.spec.fm_tasks)
       info = {"wall": time.time(), "events": int(len(events)), "step": int(state.step),
               "ne_mean": metrics.ne_mean(m) if m else None}
-      for v in new:  # the version's evaluation on the next window
-        snaps.update(v, eval={"window": w, **info})
       progressive.write(records, w, {"probs/fm": col["probs"], "labels": col["labels"],
                                      "valid": col["valid"], "surfaces": col["surfaces"]}, info)
+    if snaps:  # each version published here gets its evaluation on this window (once)
+      for e in snaps.versions():
+        if e.get("window") == w and "eval" not in e:
+          snaps.update(e["version"], eval={"window": w, **progressive.info(records, w)})
 
   state, final, report = train_loop(c, workdir, init=init, train_step=train_step, source=source,
                                     evaluate=lambda params, epoch: {}, select=None,

@@ -35,6 +35,11 @@ def write(root: os.PathLike | str, window: int, arrays: dict[str, np.ndarray], i
   files.atomic_write(path(root, window), buf.getvalue())
 
 
+def info(root: os.PathLike | str, window: int) -> dict:
+  with np.load(path(root, window)) as z:
+    return json.loads(str(z["info"]))
+
+
 def read_all(root: os.PathLike | str) -> list[tuple[int, dict, dict]]:
   """(window, arrays, info) of every record in `root`, in window order."""
   out = []
