@@ -8,19 +8,17 @@ alone (no FM input), all in one jitted step. Before training on a window every m
 (progressive validation, `workdir/progressive`), next to the FM's own predictions for the same
 rows. The store position (window, batch, rows) is checkpointed with the state.
 
-Frozen tables are restored in a background thread (`TableLoader`: only the tables of a
-snapshot, never its dense part) as soon as a version is published, and swapped in at the step
-boundary where rows of that version start; a version change is appended to
+Its inputs come from `fmx.hypercast.store_source`. Frozen tables are restored in a background
+thread (only the tables of a snapshot, never its dense part) as soon as the next version is
+published, and swapped in at the step boundary where rows of that version start; a version change is appended to
 `workdir/version_changes.jsonl` with its publish-to-expert delay. Rows or a table of another FM
 dimension than the expert was built for are refused.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
-import sys
 import time
 
 import jax
@@ -28,171 +26,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fmx.data import expert_examples, load as data_load, tae_store
+from fmx.data import load as data_load
 from fmx.data.items import item_table
 from fmx.hypercast import progressive, snapshots
+from fmx.hypercast.store_source import StoreSource, TableLoader
 from fmx.models.embeddings import padded_vocab
-from fmx.runtime import checkpoint
 from fmx.models.expert import Expert
 from fmx.models.hstu import HSTUConfig
+from fmx.runtime import checkpoint
 from fmx.train import losses, reporting
-from fmx.train.loop import RunError, require_finite, train_loop
+from fmx.train.loop import require_finite, train_loop
 from fmx.train.state import gradient_step, init_state, make_optimizer
-
-INPUTS = ("ids", "actions", "timestamps", "lengths", "cand", "request_time", "labels",
-          "label_valid")
-
-
-class TableLoader:
-  """Restores FM item-id tables of published versions in a background thread."""
-
-  def __init__(self, snaps: snapshots.Snapshots, dim: int):
-    self.snaps, self.dim = snaps, dim
-    self.pool = concurrent.futures.ThreadPoolExecutor(1)
-    self.futures, self.tables, self.waits = {}, {}, []  # waits: seconds blocked per version
-    self.loads: list[list[float]] = []  # [start, end] wall times of the background loads
-
-  def _load(self, version: int) -> np.ndarray:
-    span = [time.time(), float("inf")]
-    self.loads.append(span)
-    try:
-      table = np.asarray(self.snaps.tables(version)["item"]["embedding"])
-    finally:
-      span[1] = time.time()
-    if table.shape[1] != self.dim:
-      raise snapshots.SnapshotError(
-          f"{self.snaps.root}: FM version {version}'s item table has dimension {table.shape[1]}, "
-          f"these experts were built for {self.dim}: pin an FM version of dimension {self.dim} "
-          "(--config.stream.follow) or start the experts in a fresh workdir")
-    return table
-
-  def prefetch(self, version: int) -> None:
-    if version not in self.tables and version not in self.futures:
-      self.futures[version] = self.pool.submit(self._load, version)
-
-  def loaded_during(self, start: float, end: float) -> bool:
-    """Whether a background load ran at some time between `start` and `end`."""
-    return any(a < end and b > start for a, b in self.loads)
-
-  def get(self, version: int) -> np.ndarray:
-    if version not in self.tables:
-      self.prefetch(version)
-      t0 = time.time()
-      self.tables[version] = self.futures.pop(version).result()
-      self.waits.append(time.time() - t0)
-    self.tables[version] = self.tables.pop(version)  # most recently used last
-    for old in list(self.tables)[:-3]:
-      del self.tables[old]
-    return self.tables[version]
-
-
-def store_windows(store: str, after: int, poll: float, timeout: float | None):
-  """Yields (window, meta, shards) of the store's windows after `after`, in order and without
-  gaps (a missing window, e.g. a damaged one deleted for the logging tier to redo, is waited
-  for), tailing the store until the logging tier has closed it."""
-  waited, warned = 0.0, False
-  while True:
-    present = tae_store.windows(store)
-    later = [w for w in present if w > after]
-    nxt = after + 1 if after >= 0 else (later[0] if later else None)
-    if nxt is not None and nxt in present:
-      key = tae_store.window_version(nxt)
-      yield nxt, tae_store.version_meta(store, key), [a for _, a in tae_store.read(store, key)]
-      after, waited = nxt, 0.0
-      continue
-    if later and not warned:
-      print(f"fmx: warning: {store}: window {nxt} is missing while later ones are there; "
-            "waiting for the logging tier to log it", file=sys.stderr)
-      warned = True
-    if not later and os.path.exists(os.path.join(store, tae_store.CLOSED)):
-      return
-    if timeout is not None and waited >= timeout:
-      return
-    time.sleep(poll)
-    waited += poll
-
-
-class StoreSource:
-  """A `fmx.data.source.Source` of expert batches from the store's windows."""
-
-  steps_per_epoch = None
-  total_steps = None
-
-  def __init__(self, c, data, loader: TableLoader, follow: tuple[str, ...], fm_vocab: int):
-    self.c, self.data, self.loader, self.follow, self.fm_vocab = c, data, loader, follow, fm_vocab
-    self.current = None  # (window, meta, batches) of the newest window
-
-  def start(self) -> dict:
-    return {"window": -1, "batch": 0, "rows": 0}
-
-  def iterate(self, position: dict):
-    rows = position["rows"]
-    after = position["window"] - (1 if position["batch"] else 0)
-    for w, meta, shards in store_windows(self.c.stream.store, after, self.c.stream.poll_seconds,
-                                         self.c.stream.idle_seconds or None):
-      self.current = (w, meta, self.window_batches(w, meta, shards))
-      for b, batch in enumerate(self.current[2]):
-        if w == position["window"] and b < position["batch"]:
-          continue
-        rows += int(sum(s["real"].sum() for s in batch["surfaces"].values()))
-        yield batch, {"window": w, "batch": b + 1, "rows": rows}
-
-  def window_batches(self, w: int, meta: dict, shards: list[dict]) -> list[dict]:
-    """Batches of `batch_size` rows per surface (padded rows are not `real`)."""
-    present = {f["follow"]: (f, shards[i]) for i, f in enumerate(meta.get("followers", []))}
-    if not present or not len(next(iter(present.values()))[1]["user"]):
-      return []
-    # an entry may be absent only while its pinned version is newer than the window's FM
-    newest = max(f["fm_version"] for f, _ in present.values())
-    missing = [f for f in self.follow if f not in present and (f == "newest" or int(f) <= newest)]
-    if missing:
-      raise RunError(f"{self.c.stream.store} window {w}: the logging tier logs follow="
-                     f"{sorted(present)}, not {missing}: set --config.stream.follow to versions "
-                     "it logs, or add them to the logging tier's stream.follow")
-    dim = self.loader.dim
-    tables, rows_of = {}, {}
-    for f in self.follow:
-      if f in present:
-        info, rows = present[f]
-        if info["dim"] != dim:
-          raise RunError(f"{self.c.stream.store} window {w}: TAEs of FM version "
-                         f"{info['fm_version']} have dimension {info['dim']}, these experts were "
-                         f"built for {dim}: pin an FM version of dimension {dim} or start the "
-                         "experts in a fresh workdir")
-        tables[f] = self.loader.get(info["fm_version"])  # swapped in at this step boundary
-        rows_of[f] = rows
-      else:
-        tables[f] = np.zeros((self.fm_vocab, dim), np.float32)
-    base = next(iter(present.values()))[1]  # the rows (and inputs) every shard shares
-    B, spec = self.c.input.batch_size, self.data.spec
-    per_surface = {}
-    for s, name in enumerate(spec.surfaces):
-      ex = expert_examples.surface_examples(self.data, base, s, self.c.input.short_len)
-      keep = np.flatnonzero(base["surface"] == s)
-      tasks = np.flatnonzero(spec.valid[s])
-      ex["tae"] = {f: (rows_of[f]["tae"][keep] if f in rows_of else
-                       np.zeros((len(keep), dim), np.float32)) for f in self.follow}
-      ex["fm_probs"] = {f: rows_of[f]["fm_probs"][keep][:, tasks].astype(np.float32)
-                        for f in rows_of}
-      ex["has"] = {f: np.full(len(keep), f in rows_of) for f in self.follow}
-      per_surface[name] = ex
-    steps = max(-(-len(e["cand"]) // B) for e in per_surface.values())
-    batches = []
-    for i in range(steps):
-      batch = {"surfaces": {}, "tables": tables}
-      for name, ex in per_surface.items():
-        n = len(ex["cand"])
-        idx = np.arange(i * B, (i + 1) * B)
-        real, take = idx < n, np.minimum(idx, max(n - 1, 0))
-        pick = (lambda a: a[take]) if n else (lambda a: np.zeros((B,) + a.shape[1:], a.dtype))
-        b = {k: pick(ex[k]) for k in INPUTS}
-        b["label_valid"] = b["label_valid"] & real[:, None]
-        b.update(real=real, tae={f: pick(v) for f, v in ex["tae"].items()},
-                 has={f: pick(v) & real for f, v in ex["has"].items()},
-                 fm_probs={f: pick(v) for f, v in ex["fm_probs"].items()})
-        batch["surfaces"][name] = b
-      batches.append(batch)
-    return batches
 
 
 def slots(follow) -> dict[str, str | None]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fmx.data import load as data_load, tae_store
-from fmx.hypercast import event_log, expert_stream, logging_stream, snapshots
+from fmx.hypercast import event_log, logging_stream, snapshots, store_source
 from fmx.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -150,10 +150,10 @@ def test_rows_or_tables_of_another_dimension_are_refused(reference):
   data = data_load.load(c.input, "surfaces")
   snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
   with pytest.raises(snapshots.SnapshotError, match="dimension 64, these experts were built for 5"):
-    expert_stream.TableLoader(snaps, 5).get(snaps.latest()["version"])
-  loader = expert_stream.TableLoader(snaps, 64)
-  source = expert_stream.StoreSource(c, data, loader, ("newest",), snaps.latest()["vocab"])
-  w, meta, shards = next(expert_stream.store_windows(c.stream.store, -1, 0.01, 0))
+    store_source.TableLoader(snaps, 5).get(snaps.latest()["version"])
+  loader = store_source.TableLoader(snaps, 64)
+  source = store_source.StoreSource(c, data, loader, ("newest",), snaps.latest()["vocab"])
+  w, meta, shards = next(store_source.store_windows(c.stream.store, -1, 0.01, 0))
   assert source.window_batches(w, meta, shards)  # as logged: accepted
   meta["followers"][0]["dim"] = 32
   with pytest.raises(loop.RunError, match="dimension 32, these experts were built for 64"):
@@ -180,7 +180,7 @@ def test_a_damaged_store_shard_is_named(tmp_path, reference):
   shard = sorted((tmp_path / "store").glob("w*/shard-00000.npz"))[3]
   shard.write_bytes(shard.read_bytes()[:-50])
   with pytest.raises(tae_store.StoreError, match=f"{shard.parent.name}/shard-00000.npz: corrupt"):
-    list(expert_stream.store_windows(tmp_path / "store", -1, 0.01, 0))
+    list(store_source.store_windows(tmp_path / "store", -1, 0.01, 0))
 
 
 def test_an_unusable_workdir_fails_before_any_stage_starts(tmp_path):
