@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import sys
+import threading
 import time
 
 import jax
@@ -45,13 +46,28 @@ def shapes(tree) -> dict[str, list[int]]:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _is_failed_read_noise(exc, obj=None) -> bool:
+  """Errors that Orbax's pending reads of a damaged checkpoint raise after the restore failed
+  (and the damage was named): their coroutines' finalizers and their event loop's callbacks."""
+  name = getattr(obj, "__qualname__", "") or ""
+  return ("_read_array_index_and_device_put" in name or "Event loop is closed" in str(exc)
+          or "Encountered error while reading array index" in str(exc))
+
+
+def _silence_failed_read_noise() -> None:
+  """Keeps that noise off stderr (any time it surfaces); every other error still prints."""
+  unraisable, thread = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: (None if _is_failed_read_noise(u.exc_value, u.object)
+                                  else unraisable(u))
+  threading.excepthook = lambda a: None if _is_failed_read_noise(a.exc_value) else thread(a)
+
+
 def _finalize_quietly() -> None:
-  """Collects the objects a failed restore left behind, without printing their errors."""
-  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = hook
+  """Collects the objects a failed restore left behind (their errors are silenced above)."""
+  gc.collect()
+
+
+_silence_failed_read_noise()
 
 
 def warn(message: str) -> None:
