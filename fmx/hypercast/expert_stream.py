@@ -34,7 +34,7 @@ from fmx.models.embeddings import padded_vocab
 from fmx.models.expert import Expert
 from fmx.models.hstu import HSTUConfig
 from fmx.runtime import checkpoint
-from fmx.train import losses, reporting
+from fmx.train import losses, metrics, reporting
 from fmx.train.loop import require_finite, train_loop
 from fmx.train.state import gradient_step, init_state, make_optimizer
 
@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for s, name in enumerate(spec.surfaces):
         b, tasks = batch["surfaces"][name], np.flatnonzero(spec.valid[s])
         real = np.asarray(b["real"])
-        full = lambda x: _full(np.asarray(x)[real], tasks, spec.num_tasks)
+        full = lambda x: metrics.widen(np.asarray(x)[real], tasks, spec.num_tasks)
         cols["labels"].append(full(b["labels"]))
         cols["valid"].append(full(b["label_valid"]))
         cols["surfaces"].append(np.full(real.sum(), s, np.int32))
@@ -223,10 +223,4 @@ def recorded_versions(path: str) -> dict[str, int]:
         out[change["follow"]] = change["fm_version"]
       except (ValueError, KeyError, TypeError):
         continue  # a line cut by a kill
-  return out
-
-
-def _full(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
-  out = np.zeros((len(values), num_tasks), values.dtype)
-  out[:, tasks] = values
   return out

@@ -20,6 +20,7 @@ import os
 import time
 
 import ml_collections
+
 from fmx.data import load as data_load
 from fmx.hypercast import progressive, snapshots
 from fmx.hypercast.window_source import WindowSource

@@ -8,7 +8,7 @@ that trained on w or later. Windows before K have no FM and are not logged. Each
 `stream.follow` is a shard: "newest", or a pinned version number p (logged only once p <= w // K),
 so experts that follow either find their rows. A window is one store version `w<window:06d>`
 (`fmx.data.tae_store`), committed all-or-nothing: the unit of exactly-once; a restarted tier
-continues after the newest committed window. Meta: window, t_start, t_end, events and
+continues at the first window from K on that the store lacks (so a deleted window is redone). Meta: window, t_start, t_end, events and
 `followers` [{follow, fm_version, dim}] in shard order.
 
 A damaged snapshot is named and the tier rolls back to the newest intact older version for that

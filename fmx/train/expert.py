@@ -56,10 +56,6 @@ def check_store(c: ml_collections.ConfigDict) -> dict:
   return meta
 
 
-def _full(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
-  out = np.zeros((len(values), num_tasks), values.dtype)
-  out[:, tasks] = values
-  return out
 
 
 def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: str) -> dict:
@@ -94,9 +90,9 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
       probs = np.concatenate([np.asarray(predict(params, b))
                               for b in expert_examples.eval_batches(ex, c.evals.batch_size)])[:len(ex["cand"])]
       require_finite(probs, "predictions")
-      m = metrics.surface_task_metrics(
-          _full(probs, tasks, spec.num_tasks), _full(ex["labels"], tasks, spec.num_tasks),
-          _full(ex["label_valid"], tasks, spec.num_tasks), np.full(len(probs), surface), spec)
+      wide = lambda x: metrics.widen(x, tasks, spec.num_tasks)
+      m = metrics.surface_task_metrics(wide(probs), wide(ex["labels"]), wide(ex["label_valid"]),
+                                       np.full(len(probs), surface), spec)
       m["ne_mean"] = metrics.ne_mean(m)
       out.update({prefix + k: v for k, v in m.items()})
     return out

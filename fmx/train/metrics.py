@@ -66,6 +66,13 @@ def ne_mean(m: dict[str, float]) -> float:
   return float(np.mean([v for k, v in m.items() if k.startswith("ne/")]))
 
 
+def widen(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
+  """`[M, len(tasks)]` columns of one surface's tasks placed in a zero `[M, num_tasks]` array."""
+  out = np.zeros((len(values), num_tasks), values.dtype)
+  out[:, tasks] = values
+  return out
+
+
 def surface_task_metrics(probs, labels, valid, surfaces, spec, tasks=None) -> dict[str, float]:
   """`ne/<surface>/<task>`, `auc/...`, `calibration/...` (mean prediction / observed rate) and
   `count/...` for every (surface, task) pair with valid samples. Arrays are `[M, num_tasks]`
