@@ -14,6 +14,7 @@ JOBS = {
     "event_log": "fmx.hypercast.event_log",  # replay a dataset into the HyperCast event log
     "fm_stream": "fmx.hypercast.fm_stream",  # the FM trained on the event log as it grows
     "logging_stream": "fmx.hypercast.logging_stream",  # log each new window's TAEs
+    "logging_beam": "fmx.hypercast.logging_beam",  # log a range of windows with Apache Beam
     "expert_stream": "fmx.hypercast.expert_stream",  # experts trained on each new logged window
     "hypercast": "fmx.hypercast.pipeline",  # all four stages as processes, one supervisor
 }

@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.logging.job = "logging_stream"
   c.logging.input = ml_collections.ConfigDict(c.fm.input.to_dict())
   c.logging.batch_size = 128  # ranking windows per FM forward
+  c.logging.batches_per_shard = 2  # store shard size (in batches): a window has many shards
   c.logging.stream = ml_collections.ConfigDict(dict(
       log_dir="", snapshots="", store="", poll_seconds=0.25, idle_seconds=0.0, follow=("newest",)))
 

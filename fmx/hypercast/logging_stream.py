@@ -5,11 +5,14 @@ published *before* that window, appended to the TAE store.
 FM version n is the FM trained on the windows before n * K (K = the FM's
 `stream.publish_every`), so window w is logged with version w // K ("newest"): never a version
 that trained on w or later. Windows before K have no FM and are not logged. Each entry of
-`stream.follow` is a shard: "newest", or a pinned version number p (logged only once p <= w // K),
-so experts that follow either find their rows. A window is one store version `w<window:06d>`
+`stream.follow` is a group of shards: "newest", or a pinned version number p (logged only once
+p <= w // K), so experts that follow either find their rows; a group has a shard per
+`batches_per_shard` ranking batches. A window is one store version `w<window:06d>`
 (`fmx.data.tae_store`), committed all-or-nothing: the unit of exactly-once; a restarted tier
-continues at the first window from K on that the store lacks (so a deleted window is redone). Meta: window, t_start, t_end, events and
-`followers` [{follow, fm_version, dim}] in shard order.
+continues at the first window from K on that the store lacks (so a deleted window is redone).
+Meta: window, t_start, t_end, events, impressions and `followers` [{follow, fm_version, dim,
+shards}]. `fmx.hypercast.logging_beam` writes the same versions with Apache Beam, through the
+same functions.
 
 A damaged snapshot is named and the tier rolls back to the newest intact older version for that
 window (recorded as its `fm_version`); it waits for versions the FM has not published yet.
@@ -37,8 +40,8 @@ from fmx.train import reporting
 class Versions:
   """Restored FM parameters by version, on one compiled FM (a version only swaps parameters)."""
 
-  def __init__(self, snaps: snapshots.Snapshots, data):
-    self.snaps, self.data, self.fm, self.cache = snaps, data, None, {}
+  def __init__(self, snaps: snapshots.Snapshots, data, keep: int = 3):
+    self.snaps, self.data, self.fm, self.cache, self.keep = snaps, data, None, {}, keep
 
   def get(self, version: int) -> tuple[int, dict]:
     """(the version used, its params): `version`, or the newest intact one before it."""
@@ -56,18 +59,65 @@ class Versions:
         model, items = fm_runtime.build(c, self.data)
         self.fm = fm_runtime.PinnedFM(c, model, items, params, entry["fm_step"], self.data,
                                       str(self.snaps.root))
-      self.cache = {**dict(list(self.cache.items())[-2:]), v: params}
+      kept = list(self.cache.items())[max(0, len(self.cache) + 1 - self.keep):]
+      self.cache = {**dict(kept), v: params}
       return v, params
     raise snapshots.SnapshotError(f"{self.snaps.root}: no intact FM version up to {version}; "
                                   "restart the FM trainer to publish again")
 
   def rows(self, version: int, batches: list[dict]) -> tuple[int, dict[str, np.ndarray]]:
+    """(the version used, the store rows of `batches` under FM `version`): the per-batch
+    function both the in-process and the Beam logging tiers run."""
     v, params = self.get(version)
     self.fm.params = params
     parts = [logging_tier.window_rows(self.fm, b, "train") for b in batches]
-    if not parts:
-      return v, {k: np.zeros((0,), np.float32) for k in logging_tier.COLUMNS}
     return v, {k: np.concatenate([p[k] for p in parts]) for k in logging_tier.COLUMNS}
+
+
+def wanted(window: int, K: int, follow) -> list[tuple[str, int]]:
+  """(follow entry, FM version) of each shard group of `window`: version window // K for
+  "newest", a pinned version once it is published before the window."""
+  newest = window // K
+  out = [(str(f), newest if str(f) == "newest" else int(f)) for f in follow]
+  return [(f, v) for f, v in out if v <= newest]
+
+
+def parts(batches: list, per_shard: int) -> list[list]:
+  """A window's batches cut into shards of `per_shard` batches ([] for no batches)."""
+  return [batches[i:i + per_shard] for i in range(0, len(batches), per_shard)]
+
+
+def shard_info(follow: str, used: int, dim: int, part: int) -> dict:
+  return {"follow": follow, "fm_version": used, "dim": dim, "part": part}
+
+
+def window_meta(window: int, log_entry: dict, dataset: str, tags: list[dict]) -> dict:
+  """A logged window's meta: its log entry's times and events, and per follower the FM version
+  used and its shards (shard index = follower * parts + part)."""
+  followers = {}
+  for t in tags:
+    i = t["info"]
+    if i:
+      f = followers.setdefault(i["follow"], {"follow": i["follow"], "fm_version": i["fm_version"],
+                                             "dim": i["dim"], "shards": []})
+      f["shards"].append(t["index"])
+  first = next(iter(followers.values()), {"shards": []})["shards"]
+  return {"window": window, "t_start": log_entry["t_start"], "t_end": log_entry["t_end"],
+          "events": log_entry["events"], "dataset": dataset, "followers": list(followers.values()),
+          "impressions": sum(tags[i]["rows"] for i in first)}
+
+
+def commit_window(writer: tae_store.VersionWriter, window: int, log_entry: dict, dataset: str,
+                  followers: list[tuple[str, int]], dim: int) -> None:
+  """Completes a staged window version's meta from its shards' tags. A window without
+  impressions gets an empty shard per follower (or one untagged: a version needs a shard)."""
+  if not writer.tags():
+    empty = {k: np.zeros((0,), np.float32) for k in logging_tier.COLUMNS}
+    for follow, want in followers:
+      writer.write_shard(empty, shard_info(follow, want, dim, 0))
+    if not followers:
+      writer.write_shard({"user": np.zeros(0, np.int32)})
+  writer.meta.update(window_meta(window, log_entry, dataset, writer.tags()))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -81,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     snaps.pin(f"logging-{f}", int(f))
   snaps.wait(1, c.stream.poll_seconds, timeout)
   fm_config = ml_collections.ConfigDict(snaps.latest()["config"])  # K and the FM's windows
-  K, fi = fm_config.stream.publish_every, fm_config.input
+  K, fi, dim = fm_config.stream.publish_every, fm_config.input, int(fm_config.model.dim)
   done = set(tae_store.windows(c.stream.store))
   start = min(set(range(K, max(done | {K}) + 2)) - done)  # the first window not committed
   source = WindowSource(c.stream.log_dir, data, fi.max_history, fi.num_candidates,
@@ -90,25 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for w, events, batches in source.windows(start):
     if w in done:
       continue
-    newest = w // K
-    snaps.pin("logging", newest, and_newer=True)  # this window's version and every later one
-    snaps.wait(newest, c.stream.poll_seconds, timeout)
-    entry = source.log.index()["windows"][w]
-    meta = {"window": w, "t_start": entry["t_start"], "t_end": entry["t_end"],
-            "events": int(len(events)), "dataset": data.name, "followers": [],
-            "impressions": sum(int(b["num_targets"].sum()) for b in batches)}
-    shards = []
-    for follow in c.stream.follow:
-      want = newest if follow == "newest" else int(follow)
-      if want > newest:
-        continue  # a pinned version not yet published before this window
-      used, arrays = versions.rows(want, batches)
-      meta["followers"].append({"follow": str(follow), "fm_version": used,
-                                "dim": int(versions.fm.model.config.dim)})
-      shards.append(arrays)
-    with tae_store.write_version(c.stream.store, tae_store.window_version(w), meta) as writer:
-      for arrays in shards or [{"user": np.zeros(0, np.int32)}]:  # a version needs a shard
-        writer.write_shard(arrays)
+    snaps.pin("logging", w // K, and_newer=True)  # this window's version and every later one
+    snaps.wait(w // K, c.stream.poll_seconds, timeout)
+    chunks = parts(batches, c.batches_per_shard)
+    followers = wanted(w, K, c.stream.follow)
+    with tae_store.write_version(c.stream.store, tae_store.window_version(w)) as writer:
+      for follow, want in followers:
+        for p, chunk in enumerate(chunks):
+          used, arrays = versions.rows(want, chunk)
+          writer.write_shard(arrays, shard_info(follow, used, dim, p))
+      commit_window(writer, w, source.log.index()["windows"][w], data.name, followers, dim)
   if source.log.index()["closed"]:  # tell the experts the store is complete
     files.atomic_write(os.path.join(c.stream.store, tae_store.CLOSED),
                        json.dumps({"windows": len(tae_store.windows(c.stream.store))}))

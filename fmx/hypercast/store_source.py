@@ -120,7 +120,9 @@ class StoreSource:
 
   def window_batches(self, w: int, meta: dict, shards: list[dict]) -> list[dict]:
     """Batches of `batch_size` rows per surface (padded rows are not `real`)."""
-    present = {f["follow"]: (f, shards[i]) for i, f in enumerate(meta.get("followers", []))}
+    present = {f["follow"]: (f, {k: np.concatenate([shards[i][k] for i in f["shards"]])
+                                 for k in shards[f["shards"][0]]})
+               for f in meta.get("followers", [])}
     if not present or not len(next(iter(present.values()))[1]["user"]):
       return []
     # an entry may be absent only while its pinned version is newer than the window's FM

@@ -51,9 +51,8 @@ class WindowSource:
       if w >= start:
         self.current = (w, events, self.window_batches(history, events))
         yield self.current
-      for u, rows in _by_user(events):
-        for key, field in (("item_ids", "item"), ("timestamps", "timestamp"),
-                           ("actions", "action"), ("labels", "labels")):
+      for u, rows in by_user(events):
+        for key, field in FIELDS:
           history[key][u].append(rows[field])
 
   def iterate(self, position: dict):
@@ -68,23 +67,37 @@ class WindowSource:
   def window_batches(self, history: dict, events: np.ndarray) -> list[dict]:
     """The ranking batches of one window, given the users' events of earlier windows."""
     examples = []
-    for u, rows in _by_user(events):
-      seq = {k: np.concatenate(history[k][u] + [rows[f]]) for k, f in
-             (("item_ids", "item"), ("timestamps", "timestamp"), ("actions", "action"),
-              ("labels", "labels"))}
-      view = dataclasses.replace(self.items, item_ids={u: seq["item_ids"]},
-                                 timestamps={u: seq["timestamps"]}, actions={u: seq["actions"]},
-                                 labels={u: seq["labels"]})
-      end = len(seq["item_ids"])
-      for cut in range(max(end - len(rows), 1), end, self.T):  # a first-ever event: history only
-        examples.append(ranking.example(view, u, cut, end, self.H, self.T))
-    empty = ranking.empty_example(self.H, self.T, self.items.spec.num_tasks)
-    examples += [empty] * (-len(examples) % self.batch_size)
-    return [ranking.stack(examples[i:i + self.batch_size])
-            for i in range(0, len(examples), self.batch_size)]
+    for u, rows in by_user(events):
+      seq = {k: np.concatenate(history[k][u] + [rows[f]]) for k, f in FIELDS}
+      examples += user_examples(self.items, u, seq, len(rows), self.H, self.T)
+    return batch_examples(examples, self.batch_size, self.H, self.T, self.items.spec.num_tasks)
 
 
-def _by_user(events: np.ndarray):
+FIELDS = (("item_ids", "item"), ("timestamps", "timestamp"), ("actions", "action"),
+          ("labels", "labels"))  # (sequence key, event field)
+
+
+def user_examples(items: CrossSurfaceData, user: int, seq: dict, new: int, max_history: int,
+                  num_candidates: int) -> list[dict]:
+  """The ranking examples of a user's `new` last events of `seq` (the user's events up to the
+  end of a window, by `FIELDS` key), in time order: groups of up to `num_candidates`."""
+  view = dataclasses.replace(items, item_ids={user: seq["item_ids"]},
+                             timestamps={user: seq["timestamps"]},
+                             actions={user: seq["actions"]}, labels={user: seq["labels"]})
+  end = len(seq["item_ids"])
+  return [ranking.example(view, user, cut, end, max_history, num_candidates)  # a first-ever
+          for cut in range(max(end - new, 1), end, num_candidates)]  # event is history only
+
+
+def batch_examples(examples: list[dict], batch_size: int, max_history: int, num_candidates: int,
+                   num_tasks: int) -> list[dict]:
+  """Batches of `batch_size` examples in order, the last padded with empty ones."""
+  empty = ranking.empty_example(max_history, num_candidates, num_tasks)
+  examples = examples + [empty] * (-len(examples) % batch_size)
+  return [ranking.stack(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
+def by_user(events: np.ndarray):
   """(user, that user's events in time order) for every user of a window."""
   order = np.argsort(events["user"], kind="stable")
   users, starts = np.unique(events["user"][order], return_index=True)

@@ -66,7 +66,8 @@ def test_round_trip_versions_and_resume(tmp_path):
                                                     "rows": 10, "shards": 3}
   assert sorted(p.name for p in tmp_path.iterdir()) == [".lock-v1", ".lock-v2", "v1", "v2"]
   assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == [
-      "manifest.json", "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
+      "manifest.json", "meta.json"] + [f"shard-0000{i}.{ext}" for i in range(3)
+                                      for ext in ("array_record", "json")]
   with pytest.raises(tae_store.StoreError,
                      match=re.escape("no FM version 'v3' (versions present: ['v1', 'v2'])")):
     tae_store.read(tmp_path, "v3")
@@ -149,7 +150,7 @@ def test_lost_or_malformed_manifest_is_rebuilt(tmp_path, damage):
   elif damage == "garbage":
     path.write_bytes(b"\x00{not json")
   elif damage == "wrong types":
-    path.write_text(json.dumps({**original, "shards": "shard-00000.npz"}))
+    path.write_text(json.dumps({**original, "shards": "shard-00000.array_record"}))
   else:
     path.write_text(json.dumps({**original, "rows": 8}))
   why = "missing" if damage == "delete" else "malformed"
@@ -162,31 +163,73 @@ def test_lost_or_malformed_manifest_is_rebuilt(tmp_path, damage):
 def test_corrupt_shard_is_named(tmp_path):
   shards = [_shard(3, 0), _shard(4, 1)]
   _write(tmp_path, "v1", shards)
-  path = tmp_path / "v1" / "shard-00001.npz"
+  path = tmp_path / "v1" / "shard-00001.array_record"
   data = path.read_bytes()
-  at = data.index(shards[1]["tae"].tobytes()) + 5
+  at = data.index(shards[1]["tae"][0].tobytes()) + 5
   path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
-  error = re.escape(f"{path}: corrupt shard") + ".*re-run the logging tier for version 'v1'"
+  error = (re.escape(f"{path}: corrupt shard (checksum mismatch)")
+           + ".*re-run the logging tier for version 'v1'")
   got = tae_store.read(tmp_path, "v1")
   assert next(got)[0] == 0
   with pytest.raises(tae_store.StoreError, match=error):
     next(got)
+  with pytest.raises(tae_store.StoreError, match=error):
+    tae_store.RowSource(tmp_path, "v1")
   (tmp_path / "v1" / tae_store.MANIFEST).unlink()
   with pytest.raises(tae_store.StoreError, match=error):  # never rebuilt from a bad shard
     tae_store.read(tmp_path, "v1")
   assert not (tmp_path / "v1" / tae_store.MANIFEST).exists()
 
 
-def test_tampered_shard_fails_its_checksum(tmp_path):
-  _write(tmp_path, "v1", [_shard(3, 0)])
-  path = tmp_path / "v1" / "shard-00000.npz"
-  with np.load(path) as z:
-    arrays = {k: z[k] for k in z.files}
-  arrays["user"][0] += 1
-  np.savez(path, **arrays)  # a well-formed file whose content no longer matches its tag
-  with pytest.raises(tae_store.StoreError,
-                     match=re.escape(f"{path}: corrupt shard (checksum mismatch)")):
+def test_truncated_shard_is_named(tmp_path):
+  _write(tmp_path, "v1", [_shard(30, 0)])
+  path = tmp_path / "v1" / "shard-00000.array_record"
+  path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(tae_store.StoreError, match=re.escape(f"{path}: corrupt shard")):
     list(tae_store.read(tmp_path, "v1"))
+
+
+def test_rows_are_random_access_for_grain(tmp_path):
+  import grain
+  shards = [_shard(3, 0), _shard(0, 9), _shard(5, 1), _shard(4, 2)]
+  _write(tmp_path, "v1", shards)
+  want = {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
+  source = tae_store.RowSource(tmp_path, "v1")
+  assert len(source) == 12
+  order = [11, 0, 3, 7, 2, 2]
+  got = source.rows(order)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k][order])
+  ds = grain.MapDataset.source(source).shuffle(seed=3).batch(4)
+  seen = np.concatenate([b["user"] for b in ds])
+  np.testing.assert_array_equal(np.sort(seen), np.sort(want["user"]))
+  np.testing.assert_array_equal(source[5]["tae"], want["tae"][5])
+  with pytest.raises(IndexError):
+    source.rows([12])
+  source.close()
+
+
+def test_shards_written_by_other_processes_commit_together(tmp_path):
+  with tae_store.write_version(tmp_path, "v1", {"a": 1}) as w:
+    procs = [_run(tmp_path, f"""
+        shard = {{"tae": np.full((2, 4), {i}, np.float32), "user": np.arange(2) + {i}}}
+        tae_store.write_shard({str(w.staging)!r}, "v1", {i}, shard, {{"part": {i}}})
+        """) for i in (3, 1, 0, 2)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    w.meta["b"] = 2
+  got = dict(tae_store.read(tmp_path, "v1"))
+  assert [int(got[i]["user"][0]) for i in range(4)] == [0, 1, 2, 3]
+  assert [s["info"] for s in tae_store.manifest(tmp_path, "v1")["shards"]] == [
+      {"part": i} for i in range(4)]
+  assert _meta(tmp_path, "v1") == {"a": 1, "b": 2, "rows": 8, "shards": 4}
+
+
+def test_a_gap_in_the_staged_shards_is_not_committed(tmp_path):
+  with pytest.raises(tae_store.StoreError, match="not the tag of shard 1"):
+    with tae_store.write_version(tmp_path, "v1") as w:
+      tae_store.write_shard(w.staging, "v1", 0, _shard(2, 0))
+      tae_store.write_shard(w.staging, "v1", 2, _shard(2, 0))
+  assert tae_store.versions(tmp_path) == []
 
 
 def test_version_without_manifest_or_shards_is_an_error(tmp_path):

@@ -50,9 +50,9 @@ def accounting(workdir: pathlib.Path) -> dict:
   newest = {}
   for v in windows:
     meta = tae_store.version_meta(store, v)
-    i = [f["follow"] for f in meta["followers"]].index("newest")
-    newest[int(v[1:])] = (meta["followers"][i]["fm_version"],
-                          len(list(tae_store.read(store, v))[i][1]["user"]), meta["sha256"])
+    f = next(f for f in meta["followers"] if f["follow"] == "newest")
+    rows = sum(len(a["user"]) for _, a in tae_store.read(store, v, shards=f["shards"]))
+    newest[int(v[1:])] = (f["fm_version"], rows, meta["sha256"])
   stage = lambda name: json.loads((workdir / name / "results.json").read_text())
   return {"r": r, "impressions": impressions, "K": K, "newest": newest,
           "fm": stage("fm"), "logging": stage("logging"), "experts": stage("experts"),
@@ -88,6 +88,35 @@ def test_every_stage_takes_every_event_once(reference):
     assert np.isfinite(r[key]), key
   assert r["snapshots/delta_bytes"] < r["snapshots/full_bytes"]
   assert r["experts/rows_per_s"] > 0 and r["logging/rows"] == a["experts"]["rows"]
+
+
+def test_the_beam_logging_tier_writes_the_same_windows(tmp_path, reference):
+  """Apache Beam (DirectRunner, two worker processes) over the run's log and snapshots writes
+  the same store as the in-process tier: every window, shard for shard, byte for byte."""
+  workdir, a, _ = reference
+  K, W = a["K"], len(a["impressions"])
+  beam = lambda *extra: subprocess.run(
+      [sys.executable, "-m", "fmx.main", "--config=fmx/configs/logging_beam.py:synthetic",
+       f"--workdir={tmp_path / 'beam'}", "--config.input.synthetic.num_users=80",
+       f"--config.stream.log_dir={workdir / 'log'}",
+       f"--config.stream.snapshots={workdir / 'snapshots'}",
+       f"--config.stream.store={tmp_path / 'store'}", *extra],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  p = beam(f"--config.end_window={W - 3}")  # a range first, then the rest: it resumes
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert tae_store.windows(tmp_path / "store") == list(range(K, W - 3))
+  assert not (tmp_path / "store" / tae_store.CLOSED).exists()
+  p = beam()
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads((tmp_path / "beam" / "results.json").read_text())
+  assert r["windows"] == 3 and r["fm_restores"] <= 2 * len(r["fm_versions"])  # per worker
+  for w in range(K, W):
+    v = tae_store.window_version(w)
+    ours, theirs = (tae_store.version_meta(d, v) for d in (tmp_path / "store", workdir / "store"))
+    assert ours == theirs, w
+    assert max(len(f["shards"]) for f in ours["followers"]) >= 1
+  assert (tmp_path / "store" / tae_store.CLOSED).exists()
+  assert "Traceback" not in p.stderr
 
 
 def test_killed_stages_are_restarted_and_resume_exactly(tmp_path, reference):
@@ -177,9 +206,9 @@ def test_a_damaged_snapshot_is_named_and_the_logging_tier_rolls_back(tmp_path, r
 def test_a_damaged_store_shard_is_named(tmp_path, reference):
   workdir, _, _ = reference
   shutil.copytree(workdir / "store", tmp_path / "store")
-  shard = sorted((tmp_path / "store").glob("w*/shard-00000.npz"))[3]
+  shard = sorted((tmp_path / "store").glob("w*/shard-00000.array_record"))[3]
   shard.write_bytes(shard.read_bytes()[:-50])
-  with pytest.raises(tae_store.StoreError, match=f"{shard.parent.name}/shard-00000.npz: corrupt"):
+  with pytest.raises(tae_store.StoreError, match=f"{shard.parent.name}/shard-00000.array_record: corrupt"):
     list(store_source.store_windows(tmp_path / "store", -1, 0.01, 0))
 
 
