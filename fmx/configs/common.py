@@ -56,7 +56,8 @@ POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_si
             "input.windows_per_user", "input.short_len", "model.dim", "model.num_layers",
             "model.num_heads", "model.dqk", "model.dv", "model.max_len", "loss.num_negatives",
             "baseline.num_epochs", "batch_size", "stream.publish_every", "stream.full_every",
-            "stream.keep_versions", "window_seconds", "batches_per_shard")
+            "stream.keep_versions", "window_seconds", "batches_per_shard",
+            "stream.update_every", "drift.rows", "drift.permutations")
 NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step",
                 "max_windows", "max_restarts")
 

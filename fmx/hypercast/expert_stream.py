@@ -8,6 +8,11 @@ alone (no FM input), all in one jitted step. Before training on a window every m
 (progressive validation, `workdir/progressive`), next to the FM's own predictions for the same
 rows. The store position (window, batch, rows) is checkpointed with the state.
 
+With `stream.update_every` R, the experts train on windows in groups of R and score every
+window of a group before training on any (later updates, for the freshness study);
+`workdir/trained.jsonl` has the wall time they first trained on each window. `stream.align`
+aligns TAEs of a new FM version to the moments the experts trained on (see `StoreSource`).
+
 Its inputs come from `fmx.hypercast.store_source`. Frozen tables are restored in a background
 thread (only the tables of a snapshot, never its dense part) as soon as the next version is
 published, and swapped in at the step boundary where rows of that version start; a version change is appended to
@@ -129,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   records = os.path.join(workdir, "progressive")
   timing = {"loading": [], "idle": []}
   changes_path = os.path.join(workdir, "version_changes.jsonl")
+  trained_path = os.path.join(workdir, "trained.jsonl")
   last = {"t": None, "versions": recorded_versions(changes_path), "seen": []}
 
   def evaluate_window(params, w, meta, batches):
@@ -154,7 +160,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if sum(len(x) for x in v) == len(arrays["labels"]):
         arrays[f"probs/{k}"] = np.concatenate(v)
         require_finite(arrays[f"probs/{k}"], "predictions")
+    times = [np.asarray(b["surfaces"][n]["request_time"])[np.asarray(b["surfaces"][n]["real"])]
+             for b in batches for n in spec.surfaces]
     info = {"wall": time.time(), "rows": int(len(arrays["labels"])),
+            "t_mean": float(np.concatenate(times).mean()),
             "fm_versions": {f["follow"]: f["fm_version"] for f in meta["followers"]}}
     progressive.write(records, w, arrays, info)
 
@@ -188,8 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if safe and safe[-1] != last.get("pinned"):
       snaps.pin("experts-newest", safe[-1], and_newer=True)
       last["pinned"] = safe[-1]
-    if position["batch"] == 1 and not progressive.done(records, w):
-      evaluate_window(state.params, w, meta, batches)
+    if position["batch"] == 1:  # score every window of the group not scored yet, then train
+      for gw, gmeta, gbatches in source.group:
+        if gw >= w and not progressive.done(records, gw):
+          evaluate_window(state.params, gw, gmeta, gbatches)
+      with open(trained_path, "a") as out:  # when the experts first train on the window
+        out.write(json.dumps({"window": w, "step": step, "wall": time.time()}) + "\n")
     last["t"] = time.time()
 
   fingerprint = data_load.fingerprint(data, {"fm_dim": fm_dim})  # follow may change: slots

@@ -31,7 +31,7 @@ import numpy as np
 
 from fmx import files
 from fmx.data import load as data_load, tae_store
-from fmx.hypercast import logging_tier, snapshots
+from fmx.hypercast import drift, logging_tier, snapshots
 from fmx.hypercast.window_source import WindowSource
 from fmx.runtime import fm as fm_runtime
 from fmx.train import reporting
@@ -120,6 +120,21 @@ def commit_window(writer: tae_store.VersionWriter, window: int, log_entry: dict,
   writer.meta.update(window_meta(window, log_entry, dataset, writer.tags()))
 
 
+def monitor_drift(c, versions: Versions, window: int, version: int, batches: list[dict],
+                  surfaces: list[str], path: str) -> None:
+  """Appends, per surface, the MMD test between the TAEs of FM `version` and `version - 1` on
+  the same impressions (`window`'s) to `path`."""
+  (new, a), (old, b) = versions.rows(version, batches), versions.rows(version - 1, batches)
+  with open(path, "a") as out:
+    for s, name in enumerate(surfaces):
+      at = a["surface"] == s
+      if at.sum() >= 2:
+        test = drift.mmd_test(b["tae"][at], a["tae"][at], permutations=c.permutations,
+                              max_rows=c.rows, seed=window)
+        out.write(json.dumps({"window": window, "from": old, "to": new, "surface": name,
+                              **test}) + "\n")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   c, t0 = config, time.time()
   data = data_load.load(c.input, "surfaces")
@@ -150,6 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           used, arrays = versions.rows(want, chunk)
           writer.write_shard(arrays, shard_info(follow, used, dim, p))
       commit_window(writer, w, source.log.index()["windows"][w], data.name, followers, dim)
+    if c.drift.enabled and w % K == 0 and w // K >= 2:
+      monitor_drift(c.drift, versions, w, w // K, batches, data.spec.surfaces,
+                    os.path.join(workdir, "drift.jsonl"))
   if source.log.index()["closed"]:  # tell the experts the store is complete
     files.atomic_write(os.path.join(c.stream.store, tae_store.CLOSED),
                        json.dumps({"windows": len(tae_store.windows(c.stream.store))}))

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from fmx.data import expert_examples, tae_store
-from fmx.hypercast import snapshots
+from fmx.hypercast import drift, snapshots
 from fmx.train.loop import RunError
 
 INPUTS = ("ids", "actions", "timestamps", "lengths", "cand", "request_time", "labels",
@@ -94,31 +94,79 @@ def store_windows(store: str, after: int, poll: float, timeout: float | None):
 
 
 class StoreSource:
-  """A `fmx.data.source.Source` of expert batches from the store's windows."""
+  """A `fmx.data.source.Source` of expert batches from the store's windows.
+
+  `stream.update_every` R > 1 delays the experts' updates: windows come in groups (window w is
+  in group w // R), a group is read whole before its first batch, and `group` lists its windows
+  so that every one of them is scored before the experts train on any (the freshness study's
+  later updates). `stream.align` maps each follower's TAEs, per surface and dimension, onto the
+  first and second moments of the TAEs the experts have trained on so far
+  (`fmx.hypercast.drift.align`): the current FM version's moments are running statistics over
+  its windows (TAEs only, no labels, so a window's own rows count before it is scored). The
+  moments are a function of the store's windows, rebuilt on resume by reading them again."""
 
   steps_per_epoch = None
   total_steps = None
 
   def __init__(self, c, data, loader: TableLoader, follow: tuple[str, ...], fm_vocab: int):
     self.c, self.data, self.loader, self.follow, self.fm_vocab = c, data, loader, follow, fm_vocab
-    self.current = None  # (window, meta, batches) of the newest window
+    self.current = None  # (window, meta, batches) of the window being trained
+    self.group = []  # (window, meta, batches) of every window of the current group
+    self.update_every = int(c.stream.get("update_every", 1))
+    self.align = bool(c.stream.get("align", False))
+    self.moments = {}  # (follow, surface) -> {"version", "ref", "cur"} when aligning
 
   def start(self) -> dict:
     return {"window": -1, "batch": 0, "rows": 0}
 
   def iterate(self, position: dict):
-    rows = position["rows"]
+    rows, c, R = position["rows"], self.c.stream, self.update_every
     after = position["window"] - (1 if position["batch"] else 0)
-    for w, meta, shards in store_windows(self.c.stream.store, after, self.c.stream.poll_seconds,
-                                         self.c.stream.idle_seconds or None):
-      self.current = (w, meta, self.window_batches(w, meta, shards))
-      for b, batch in enumerate(self.current[2]):
-        if w == position["window"] and b < position["batch"]:
-          continue
-        rows += int(sum(s["real"].sum() for s in batch["surfaces"].values()))
-        yield batch, {"window": w, "batch": b + 1, "rows": rows}
 
-  def window_batches(self, w: int, meta: dict, shards: list[dict]) -> list[dict]:
+    def groups():
+      pending = []
+      for w, meta, shards in store_windows(c.store, -1 if self.align else after, c.poll_seconds,
+                                           c.idle_seconds or None):
+        if w <= after:  # read again only to rebuild the alignment's moments
+          self.window_batches(w, meta, shards, moments_only=True)
+          continue
+        if pending and pending[-1][0] // R != w // R:
+          yield pending
+          pending = []
+        pending.append((w, meta, shards))
+        if (w + 1) % R == 0:
+          yield pending
+          pending = []
+      if pending:
+        yield pending
+
+    for group in groups():
+      self.group = [(w, meta, self.window_batches(w, meta, shards)) for w, meta, shards in group]
+      for self.current in self.group:
+        w, _, batches = self.current
+        for b, batch in enumerate(batches):
+          if w == position["window"] and b < position["batch"]:
+            continue
+          rows += int(sum(s["real"].sum() for s in batch["surfaces"].values()))
+          yield batch, {"window": w, "batch": b + 1, "rows": rows}
+
+  def aligned(self, f: str, version: int, surfaces: np.ndarray, tae: np.ndarray) -> np.ndarray:
+    """`tae` (rows of follower `f`, FM `version`) aligned per surface; updates the moments."""
+    out = tae.copy()
+    for s in np.unique(surfaces):
+      at = surfaces == s
+      st = self.moments.get((f, int(s)))
+      if st is None or st["version"] != version:  # a new FM version: its own moments from now
+        ref = st["ref"] if st else drift.init_moments(tae.shape[1])
+        st = self.moments[(f, int(s))] = {"version": version, "ref": ref,
+                                           "cur": drift.init_moments(tae.shape[1])}
+      st["cur"] = drift.update_moments(st["cur"], tae[at])
+      out[at] = drift.align(tae[at], st["cur"], st["ref"])
+      st["ref"] = drift.update_moments(st["ref"], out[at])
+    return out
+
+  def window_batches(self, w: int, meta: dict, shards: list[dict],
+                     moments_only: bool = False) -> list[dict]:
     """Batches of `batch_size` rows per surface (padded rows are not `real`)."""
     present = {f["follow"]: (f, {k: np.concatenate([shards[i][k] for i in f["shards"]])
                                  for k in shards[f["shards"][0]]})
@@ -142,10 +190,15 @@ class StoreSource:
                          f"{info['fm_version']} have dimension {info['dim']}, these experts were "
                          f"built for {dim}: pin an FM version of dimension {dim} or start the "
                          "experts in a fresh workdir")
-        tables[f] = self.loader.get(info["fm_version"])  # swapped in at this step boundary
+        if self.align:
+          rows = {**rows, "tae": self.aligned(f, info["fm_version"], rows["surface"], rows["tae"])}
         rows_of[f] = rows
+        if not moments_only:
+          tables[f] = self.loader.get(info["fm_version"])  # swapped in at this step boundary
       else:
         tables[f] = np.zeros((self.fm_vocab, dim), np.float32)
+    if moments_only:
+      return []
     base = next(iter(present.values()))[1]  # the rows (and inputs) every shard shares
     B, spec = self.c.input.batch_size, self.data.spec
     per_surface = {}

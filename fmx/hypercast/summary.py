@@ -1,6 +1,7 @@
 """The pipeline's summary: progressive NE and AUC per surface and task for the FM, the experts
 and the expert-alone baseline, the transfer ratio between two FM versions, the stream's delays
-and every stage's throughput; `metrics.jsonl` (one row per window) and a plot of NE per window.
+(`freshness.jsonl` per window), the TAE drift between FM versions, and every stage's
+throughput; `metrics.jsonl` (one row per window) and a plot of NE per window.
 
 Models (keys of `results.json`, each `<model>/ne/<surface>/<task>` and `/auc/`):
   fm_stream   the streaming FM on every window it trained on (its own progressive validation)
@@ -72,8 +73,59 @@ def summarise(workdir: str, c, stage_seconds: dict[str, float]) -> dict:
   out.update(delays(workdir, c, fm_records, ex_records))
   out.update(throughput(workdir, stage_seconds))
   out.update(publishing(workdir))
+  out.update(freshness(workdir, c, ex_records))
+  out.update(drift_summary(workdir))
   write_per_window(workdir, fm_records, ex_records, spec)
   return out
+
+
+def freshness(workdir: str, c, ex_records) -> dict:
+  """`freshness.jsonl`, per window the experts trained on: the data-to-trainer delay (the window
+  visible in the log -> the experts' first step on it; in simulated hours, from the mean event
+  time of its rows when the log is replayed at a speed) and how many windows old the FM version
+  of its TAEs is (window - version * K)."""
+  try:
+    index = json.load(open(os.path.join(workdir, "log", "index.json")))
+  except (OSError, ValueError):
+    return {}
+  trained = {}
+  path = os.path.join(workdir, "experts", "trained.jsonl")
+  for t in _json_lines(path) if os.path.exists(path) else []:
+    trained.setdefault(t["window"], t["wall"])  # the first time (a restart may train it again)
+  K, speed, rows = c.fm.stream.publish_every, c.producer.speed, []
+  for w, _, info in ex_records:
+    entry = index["windows"][w]
+    if w not in trained or "appended_at" not in entry:
+      continue
+    wall = trained[w] - entry["appended_at"]
+    row = {"window": w, "data_to_trainer_s": wall,
+           "tae_staleness_windows": w - info["fm_versions"].get("newest", 0) * K}
+    if speed and "t_mean" in info:
+      row["data_to_trainer_sim_h"] = (wall * speed + entry["t_end"] - info["t_mean"]) / 3600.0
+    rows.append(row)
+  with open(os.path.join(workdir, "freshness.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  out = {}
+  for k in ("data_to_trainer_s", "data_to_trainer_sim_h", "tae_staleness_windows"):
+    xs = [r[k] for r in rows if k in r]
+    if xs:
+      out[f"delay/{k}"] = float(np.median(xs))
+  return out
+
+
+def drift_lines(workdir: str) -> list[dict]:
+  """The logging tier's MMD tests (`drift.jsonl`), the last per window and surface."""
+  path = os.path.join(workdir, "logging", "drift.jsonl")
+  lines = _json_lines(path) if os.path.exists(path) else []
+  return list({(d["window"], d["surface"]): d for d in lines}.values())
+
+
+def drift_summary(workdir: str) -> dict:
+  lines = drift_lines(workdir)
+  if not lines:
+    return {}
+  return {"drift/tests": len(lines), "drift/mmd2_median": float(np.median([d["mmd2"] for d in lines])),
+          "drift/significant_share": float(np.mean([d["p_value"] < 0.05 for d in lines]))}
 
 
 def transfer(records, spec, follow) -> dict:
@@ -227,7 +279,7 @@ def table(r: dict) -> str:
                         if f"{m}/ne/{key}" in r else "-")
       lines.append(f"{key:<22}" + "".join(f"{cell(m):>20}" for m in models))
   fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-  extra = [k for k in r if k.startswith(("transfer_ratio", "delay/", "snapshots/")) or
+  extra = [k for k in r if k.startswith(("transfer_ratio", "delay/", "snapshots/", "drift/")) or
            k.endswith(("_per_s", "step_ms_while_loading", "step_ms_idle", "table_wait_later_s"))]
   lines += [""] + [f"{k}: {fmt(r[k])}" for k in extra]
   return "\n".join(lines)
