@@ -25,8 +25,8 @@ def test_transfer_study_end_to_end(tmp_path):
   assert len(runs) == 2 * 6  # 2 seeds x (5 carriers on the late FM + TAE on the early FM)
   assert {r["task"] for r in rows} == {"click", "like", "s1_share", "comment"}
   store = tmp_path / "w" / "synthetic" / "taes"
-  assert sorted(f.relative_to(store).as_posix() for f in store.rglob("*.npz")) == [
-      f"{v}/shard-{i:05d}.npz" for v in ("early", "late") for i in range(2)]
+  assert sorted(f.relative_to(store).as_posix() for f in store.rglob("*.array_record")) == [
+      f"{v}/shard-{i:05d}.array_record" for v in ("early", "late") for i in range(2)]
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "] expert " not in again.stdout and "] FM " not in again.stdout  # nothing retrained

@@ -27,11 +27,30 @@ MODEL_KEYS = ("ids", "actions", "timestamps", "lengths", "cand", "request_time",
               "fm_probs", "labels", "label_valid")
 
 
-def load_rows(store: str, fm_version: str) -> dict[str, np.ndarray]:
-  """Every row the store holds for `fm_version`, concatenated in write order (a `StoreError`
-  if the store lacks that version)."""
-  shards = [a for _, a in tae_store.read(store, fm_version)]
-  return {k: np.concatenate([s[k] for s in shards]) for k in shards[0]}
+EMBEDDINGS = ("tae", "ue")  # the wide columns, read from the store by row when a batch needs them
+
+
+def load_index(store: str, fm_version: str) -> tuple[dict[str, np.ndarray], tae_store.RowSource]:
+  """The store rows of `fm_version` without their embeddings, read one shard at a time, with
+  `row` (each row's index in the returned random-access source, which serves the embeddings of
+  the rows a batch takes). A `StoreError` if the store lacks that version."""
+  parts, n = [], 0
+  for _, arrays in tae_store.read(store, fm_version):
+    k = len(arrays["user"])
+    if k:
+      parts.append({**{c: a for c, a in arrays.items() if c not in EMBEDDINGS},
+                    "row": np.arange(n, n + k)})
+      n += k
+  return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
+          tae_store.RowSource(store, fm_version))
+
+
+def with_embeddings(batch: dict, rows, source: tae_store.RowSource | None) -> dict:
+  """`batch` plus the TAEs and UEs of store rows `rows` from `source` (none needed if None)."""
+  if source is None:
+    return batch
+  wide = source.rows(rows)
+  return {**batch, **{k: wide[k] for k in EMBEDDINGS}}
 
 
 def surface_examples(data: CrossSurfaceData, rows: dict[str, np.ndarray], surface: int,
@@ -56,9 +75,9 @@ def surface_examples(data: CrossSurfaceData, rows: dict[str, np.ndarray], surfac
     out["actions"][i, :k] = data.actions[u][idx]
     out["timestamps"][i, :k] = data.timestamps[u][idx]
     out["lengths"][i] = k
+  out.update({k: rows[k][keep] for k in EMBEDDINGS + ("row",) if k in rows})
   out.update(cand=rows["cand"][keep].astype(np.int32),
              request_time=rows["request_time"][keep].astype(np.int32),
-             tae=rows["tae"][keep], ue=rows["ue"][keep],
              fm_probs=rows["fm_probs"][keep][:, tasks].astype(np.float32),
              labels=rows["labels"][keep][:, tasks], label_valid=rows["label_valid"][keep][:, tasks],
              user=rows["user"][keep], split=rows["split"][keep])
@@ -80,9 +99,10 @@ def partition(ex: dict[str, np.ndarray], select_fraction: float, seed: int = 0) 
   return {name: {k: v[m] for k, v in ex.items()} for name, m in masks.items()}
 
 
-def train_batches(ex: dict[str, np.ndarray], batch_size: int, seed: int, num_epochs: int):
+def train_batches(ex: dict[str, np.ndarray], batch_size: int, seed: int, num_epochs: int,
+                  source: tae_store.RowSource | None = None):
   """Shuffled full batches over `num_epochs` (indexable; batch `s` depends only on seed and s)
-  and the steps per epoch."""
+  and the steps per epoch. Embeddings come from `source` by row when `ex` lacks them."""
   n = len(ex["cand"])
   steps = max(1, n // batch_size)
   if n < batch_size:
@@ -95,16 +115,18 @@ def train_batches(ex: dict[str, np.ndarray], batch_size: int, seed: int, num_epo
   def make(index: int):
     epoch, step = divmod(index, steps)
     idx = order(epoch)[step * batch_size:(step + 1) * batch_size]
-    return {k: ex[k][idx] for k in MODEL_KEYS}
+    batch = {k: ex[k][idx] for k in MODEL_KEYS if k in ex}
+    return with_embeddings(batch, ex["row"][idx] if source else None, source)
 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 
 
-def eval_batches(ex: dict[str, np.ndarray], batch_size: int):
+def eval_batches(ex: dict[str, np.ndarray], batch_size: int,
+                 source: tae_store.RowSource | None = None):
   """Fixed-size batches in row order; the tail is padded with rows whose labels are invalid."""
   n = len(ex["cand"])
   for i in range(0, n, batch_size):
-    idx = np.arange(i, i + batch_size)
-    b = {k: ex[k][np.minimum(idx, n - 1)] for k in MODEL_KEYS}
-    b["label_valid"] = b["label_valid"] & (idx < n)[:, None]
-    yield b
+    idx = np.minimum(np.arange(i, i + batch_size), n - 1)
+    b = {k: ex[k][idx] for k in MODEL_KEYS if k in ex}
+    b["label_valid"] = b["label_valid"] & (np.arange(i, i + batch_size) < n)[:, None]
+    yield with_embeddings(b, ex["row"][idx] if source else None, source)

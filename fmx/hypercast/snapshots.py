@@ -140,12 +140,19 @@ class Snapshots:
       raise SnapshotError(f"{self.root} is open read_only; open it with read_only=False to publish")
     return exclusive(os.path.join(self.root, ".publisher.lock"), f"the publisher of {self.root}")
 
-  def _reader(self) -> Checkpointer:
-    try:
-      return Checkpointer(self._orbax, max_to_keep=None, read_only=True)
-    except Exception as e:  # pylint: disable=broad-except
-      raise SnapshotError(f"{self._orbax}: unreadable ({type(e).__name__}); the snapshot data is "
-                          "gone: move the directory away and publish a full version") from None
+  def _reader(self, attempts: int = 10) -> Checkpointer:
+    for attempt in range(attempts):
+      try:
+        return Checkpointer(self._orbax, max_to_keep=None, read_only=True)
+      except FileNotFoundError as e:  # a version collected while Orbax listed the directory
+        if attempt + 1 < attempts and os.path.isdir(self._orbax):
+          time.sleep(0.1 * (attempt + 1))
+          continue
+        error = e
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      raise SnapshotError(f"{self._orbax}: unreadable ({type(error).__name__}); the snapshot data "
+                          "is gone: move the directory away and publish a full version") from None
 
   def _read(self, ckpt: Checkpointer, entry: dict, item: str) -> dict[str, np.ndarray]:
     """The verified leaves of `item` of version `entry` ({} if it has no such item)."""

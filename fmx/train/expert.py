@@ -58,7 +58,8 @@ def check_store(c: ml_collections.ConfigDict) -> dict:
 
 
 
-def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: str) -> dict:
+def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: str,
+                  source) -> dict:
   """Trains the expert of `surface` and returns its metrics at the selected epoch."""
   spec = data.spec
   tasks = np.flatnonzero(spec.valid[surface])
@@ -67,7 +68,7 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
   tx = make_optimizer(c.optimizer)
   weights = jnp.asarray(spec.weights[tasks], jnp.float32)
   kd_mask = jnp.asarray(spec.fm_tasks[tasks])
-  dummy = {k: v[:1] for k, v in parts["fit"].items() if k in expert_examples.MODEL_KEYS}
+  dummy = next(expert_examples.eval_batches(parts["fit"], 1, source))
 
   def init(rng):
     return init_state(model.init(rng, dummy, items)["params"], tx)
@@ -88,7 +89,7 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
     for split, prefix in (("select", "valid/"), ("test", "")):
       ex = parts[split]
       probs = np.concatenate([np.asarray(predict(params, b))
-                              for b in expert_examples.eval_batches(ex, c.evals.batch_size)])[:len(ex["cand"])]
+                              for b in expert_examples.eval_batches(ex, c.evals.batch_size, source)])[:len(ex["cand"])]
       require_finite(probs, "predictions")
       wide = lambda x: metrics.widen(x, tasks, spec.num_tasks)
       m = metrics.surface_task_metrics(wide(probs), wide(ex["labels"]), wide(ex["label_valid"]),
@@ -98,7 +99,7 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
     return out
 
   batches, steps = expert_examples.train_batches(parts["fit"], c.input.batch_size, c.seed,
-                                                 c.num_epochs)
+                                                 c.num_epochs, source)
   _, final, report = train_loop(c, workdir, init=init, train_step=train_step,
                                 source=EpochSource(batches, steps), evaluate=evaluate,
                                 select=("valid/ne_mean", "min"),
@@ -113,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   store_meta = check_store(c)  # fails fast, before the data are read, if no TAEs can be had
   data = data_load.load(c.input, "surfaces")
   spec = data.spec
-  rows = expert_examples.load_rows(c.tae.store, c.tae.fm_version)
+  rows, source = expert_examples.load_index(c.tae.store, c.tae.fm_version)  # no embeddings
   fingerprint = data_load.fingerprint(data, store_meta)  # the data and the version's content
   vocab = padded_vocab(data.num_items, c.mesh.model)
   items = item_table(data, vocab)
@@ -126,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     s = spec.surfaces.index(name)
     ex = expert_examples.surface_examples(data, rows, s, c.input.short_len)
     parts = expert_examples.partition(ex, c.input.select_fraction)
-    final = train_surface(c, os.path.join(workdir, name), data, parts, s, items, vocab, fingerprint)
+    final = train_surface(c, os.path.join(workdir, name), data, parts, s, items, vocab, fingerprint,
+                          source)
     results.update({k: v for k, v in final.items() if k.startswith(("ne/", "auc/", "calibration/",
                                                                      "count/"))})
     results[f"epoch/{name}"], steps = final["epoch"], steps + final["steps"]
@@ -137,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            spec.fm_tasks)
   results.update({f"fm/{k}": v for k, v in one_stage.items()
                   if k.split("/")[1] in names})
+  source.close()
   results["ne_mean"] = metrics.ne_mean(results)
   results.update(dataset=data.name, carrier=c.model.carrier, kd_weight=c.kd_weight,
                  fm_version=c.tae.fm_version, surfaces=names, tasks=list(spec.tasks),

@@ -76,3 +76,28 @@ def test_partition_and_batches():
   for i in (0, steps + 1):  # batch i is a pure function of (seed, i): resume is exact
     for k in expert_examples.MODEL_KEYS:
       np.testing.assert_array_equal(ds[i][k], ds2[i][k])
+
+
+def test_batches_from_the_store_equal_batches_from_memory(tmp_path):
+  """The expert trainer reads the store without its embeddings (a shard at a time) and takes
+  the TAEs and UEs of each batch's rows by random access: the same batches as from memory."""
+  data = synthetic_surfaces.generate(num_users=40, num_items=120, seed=5, min_len=20, max_len=40)
+  rows = _rows(data)
+  cut = [0, 7, 7, 50, len(rows["user"])]  # shards of uneven sizes, one empty
+  with tae_store.write_version(tmp_path, "v1") as w:
+    for a, b in zip(cut, cut[1:]):
+      w.write_shard({k: v[a:b] for k, v in rows.items()})
+  index, source = expert_examples.load_index(str(tmp_path), "v1")
+  assert "tae" not in index and "ue" not in index
+  np.testing.assert_array_equal(index["row"], np.arange(len(rows["user"])))
+  ex_mem = expert_examples.surface_examples(data, rows, 1, T_SHORT)
+  ex_store = expert_examples.surface_examples(data, index, 1, T_SHORT)
+  mem, _ = expert_examples.train_batches(ex_mem, 8, seed=2, num_epochs=1)
+  store, _ = expert_examples.train_batches(ex_store, 8, seed=2, num_epochs=1, source=source)
+  evals = zip(expert_examples.eval_batches(ex_mem, 16),
+              expert_examples.eval_batches(ex_store, 16, source))
+  for a, b in [(mem[0], store[0]), (mem[len(mem) - 1], store[len(mem) - 1]), *evals]:
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  source.close()

@@ -88,6 +88,14 @@ def test_every_stage_takes_every_event_once(reference):
     assert np.isfinite(r[key]), key
   assert r["snapshots/delta_bytes"] < r["snapshots/full_bytes"]
   assert r["experts/rows_per_s"] > 0 and r["logging/rows"] == a["experts"]["rows"]
+  fresh = [json.loads(l) for l in (workdir / "freshness.jsonl").read_text().splitlines()]
+  assert [f["window"] for f in fresh] == list(range(K, W))
+  assert all(f["tae_staleness_windows"] == f["window"] % K and f["data_to_trainer_s"] > 0
+             for f in fresh)
+  drift = [json.loads(l) for l in (workdir / "logging" / "drift.jsonl").read_text().splitlines()]
+  assert {(d["window"], d["to"]) for d in drift} == {(v * K, v) for v in range(2, (W - 1) // K + 1)}
+  assert all(0 < d["p_value"] <= 1 and d["from"] == d["to"] - 1 for d in drift)
+  assert r["drift/tests"] == len(drift)
 
 
 def test_the_beam_logging_tier_writes_the_same_windows(tmp_path, reference):
@@ -117,6 +125,49 @@ def test_the_beam_logging_tier_writes_the_same_windows(tmp_path, reference):
     assert max(len(f["shards"]) for f in ours["followers"]) >= 1
   assert (tmp_path / "store" / tae_store.CLOSED).exists()
   assert "Traceback" not in p.stderr
+
+
+def _expert_source(workdir, **stream):
+  c = stage_config(workdir, "experts")
+  c.stream.update(stream)
+  data = data_load.load(c.input, "surfaces")
+  snaps = snapshots.Snapshots(c.stream.snapshots, read_only=True)
+  loader = store_source.TableLoader(snaps, int(snaps.latest()["dim"]))
+  return store_source.StoreSource(c, data, loader, tuple(c.stream.follow), snaps.latest()["vocab"])
+
+
+def test_delayed_updates_score_a_whole_group_first_and_alignment_resumes(reference):
+  workdir, a, _ = reference
+  K, W = a["K"], len(a["impressions"])
+  source = _expert_source(workdir, update_every=3)
+  seen, position = [], None
+  for batch, position in source.iterate(source.start()):
+    w = position["window"]
+    groups = [g for g, _, _ in source.group]
+    assert w in groups and len({g // 3 for g in groups}) == 1 and groups == sorted(groups)
+    seen.append(w)
+  assert sorted(set(seen)) == list(range(K, W)) and seen == sorted(seen)
+  assert position["rows"] == a["experts"]["rows"]
+
+  def taes(source, position, window):
+    out = []
+    for batch, pos in source.iterate(position):
+      if pos["window"] == window:
+        out.append({n: b["tae"]["newest"][b["real"]] for n, b in batch["surfaces"].items()})
+      elif pos["window"] > window:
+        return out
+    return out
+
+  later = 2 * K + 1  # a window of FM version 2, whose TAEs are aligned to version 1's frame
+  full = taes(_expert_source(workdir, align=True), {"window": -1, "batch": 0, "rows": 0}, later)
+  at = {"window": later - 1, "batch": 0, "rows": 0}  # the position after window later - 1
+  resumed = taes(_expert_source(workdir, align=True), at, later)  # moments rebuilt from the store
+  plain = taes(_expert_source(workdir), at, later)
+  assert len(full) == len(resumed) == len(plain) > 0
+  for f, r, p in zip(full, resumed, plain):
+    for n in f:
+      np.testing.assert_array_equal(f[n], r[n])
+      assert f[n].shape == p[n].shape and (f[n].size == 0 or not np.allclose(f[n], p[n]))
 
 
 def test_killed_stages_are_restarted_and_resume_exactly(tmp_path, reference):
