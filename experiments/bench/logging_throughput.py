@@ -59,7 +59,7 @@ def main() -> None:
       f"--workdir={args.tmp}/inprocess", f"--config.stream.store={args.tmp}/store-inprocess",
       "--config.drift.enabled=False", "--config.stream.idle_seconds=1"])]
   for w in (int(x) for x in args.workers.split(",")):
-    runs.append((f"beam", w, [
+    runs.append(("beam", w, [
         sys.executable, "-m", "fmx.main",
         f"--config=fmx/configs/logging_beam.py:{'synthetic' if dataset == 'synthetic' else 'ml-1m'}",
         f"--workdir={args.tmp}/beam{w}", f"--config.stream.log_dir={hc}/log",
@@ -74,9 +74,10 @@ def main() -> None:
     store = f"{args.tmp}/store-{tag}"
     windows = tae_store.windows(store)
     rows = sum(tae_store.version_meta(store, tae_store.window_version(x))["rows"] for x in windows)
-    same = all(tae_store.version_meta(store, tae_store.window_version(x))
-               == tae_store.version_meta(os.path.join(hc, "store"), tae_store.window_version(x))
-               for x in windows)
+    theirs = os.path.join(hc, "store")
+    same = windows == tae_store.windows(theirs) and all(
+        tae_store.version_meta(store, tae_store.window_version(x))
+        == tae_store.version_meta(theirs, tae_store.window_version(x)) for x in windows)
     print(f"{name:<12}{w:>8}{len(windows):>9}{rows:>9}{wall:>9.1f}{rows / wall:>9.0f}{rss:>13.0f}"
           f"  {'yes' if same else 'NO'}", flush=True)
 

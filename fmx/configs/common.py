@@ -59,7 +59,7 @@ POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_si
             "stream.keep_versions", "window_seconds", "batches_per_shard",
             "stream.update_every", "drift.rows", "drift.permutations")
 NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step",
-                "max_windows", "max_restarts")
+                "max_windows", "max_restarts", "stream.start_window", "start_window", "end_window")
 
 
 def flatten(c: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:

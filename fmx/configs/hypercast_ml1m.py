@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.logging.batch_size = 128  # ranking windows per FM forward
   c.logging.batches_per_shard = 2  # store shard size (in batches): a window has many shards
   c.logging.stream = ml_collections.ConfigDict(dict(
-      log_dir="", snapshots="", store="", poll_seconds=0.25, idle_seconds=0.0, follow=("newest",)))
+      log_dir="", snapshots="", store="", poll_seconds=0.25, idle_seconds=0.0, follow=("newest",),
+      start_window=0))  # log from this window on (and from K, the first with an FM version)
   # on the first window of every FM version, the MMD between its TAEs and the previous
   # version's on the same impressions, per surface (DIR/logging/drift.jsonl)
   c.logging.drift = ml_collections.ConfigDict(dict(enabled=True, rows=300, permutations=100))
@@ -57,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experts.stream = ml_collections.ConfigDict(dict(
       snapshots="", store="", poll_seconds=0.25, idle_seconds=0.0, follow=("newest",),
       update_every=1,  # train on windows in groups of N, scoring all first (later updates)
-      align=False))  # align a new FM version's TAEs to the moments the experts trained on
+      align=False))  # keep TAEs in the moments of the first FM version's (see store_source)
 
   if dataset == "ml-1m" and "full" not in words:
     c.producer.max_windows = 150

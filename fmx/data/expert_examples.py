@@ -41,6 +41,9 @@ def load_index(store: str, fm_version: str) -> tuple[dict[str, np.ndarray], tae_
       parts.append({**{c: a for c, a in arrays.items() if c not in EMBEDDINGS},
                     "row": np.arange(n, n + k)})
       n += k
+  if not parts:
+    raise tae_store.StoreError(f"{store}: FM version {fm_version!r} has no rows; materialise it "
+                               "again with the logging tier")
   return ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]},
           tae_store.RowSource(store, fm_version))
 
@@ -116,7 +119,7 @@ def train_batches(ex: dict[str, np.ndarray], batch_size: int, seed: int, num_epo
     epoch, step = divmod(index, steps)
     idx = order(epoch)[step * batch_size:(step + 1) * batch_size]
     batch = {k: ex[k][idx] for k in MODEL_KEYS if k in ex}
-    return with_embeddings(batch, ex["row"][idx] if source else None, source)
+    return with_embeddings(batch, None if source is None else ex["row"][idx], source)
 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 
@@ -129,4 +132,4 @@ def eval_batches(ex: dict[str, np.ndarray], batch_size: int,
     idx = np.minimum(np.arange(i, i + batch_size), n - 1)
     b = {k: ex[k][idx] for k in MODEL_KEYS if k in ex}
     b["label_valid"] = b["label_valid"] & (np.arange(i, i + batch_size) < n)[:, None]
-    yield with_embeddings(b, ex["row"][idx] if source else None, source)
+    yield with_embeddings(b, None if source is None else ex["row"][idx], source)

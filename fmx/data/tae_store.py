@@ -174,14 +174,17 @@ def manifest(root, fm_version: str) -> dict:
     why = f"malformed ({e!r})"
   tags = _tags(vdir, fm_version)
   if not tags:
-    raise StoreError(f"{vdir}: no manifest and no shards; delete it and re-run the logging tier "
-                     f"for version {fm_version!r}")
+    old = " (it holds .npz shards: a store of fmx before format 2)" if any(
+        vdir.glob("shard-*.npz")) else ""
+    raise StoreError(f"{vdir}: no manifest and no shards{old}; delete it and re-run the logging "
+                     f"tier for version {fm_version!r}")
   for tag in tags:
     _load(vdir, tag)  # never rebuilt from a bad shard
   try:
     meta = json.loads((vdir / META).read_text())
-  except (OSError, ValueError):
-    meta = {}
+  except (OSError, ValueError) as e:
+    raise StoreError(f"{vdir}: its manifest is {why} and {META} is unreadable ({e}); delete it and "
+                     f"re-run the logging tier for version {fm_version!r}") from None
   m = _manifest_of(fm_version, meta, tags)
   try:
     atomic_write(vdir / MANIFEST, json.dumps(m, indent=1))
@@ -307,9 +310,18 @@ class RowSource:
         raise StoreError(f"{vdir / tag['file']}: corrupt shard (checksum mismatch); delete {vdir} "
                          f"and re-run the logging tier for version {fm_version!r}")
     self.schema = tags[0]["schema"] if tags else []
-    self._readers = [array_record_module.ArrayRecordReader(str(vdir / t["file"]), _RANDOM_ACCESS)
-                     for t in tags]
+    self._paths = [str(vdir / t["file"]) for t in tags]
+    self._readers = [None] * len(tags)  # opened on first use (and again after pickling)
     self._starts = np.cumsum([0] + [t["rows"] for t in tags])
+
+  def __getstate__(self) -> dict:  # for grain's worker processes
+    return {**self.__dict__, "_readers": [None] * len(self._paths)}
+
+  def _reader(self, shard: int):
+    if self._readers[shard] is None:
+      self._readers[shard] = array_record_module.ArrayRecordReader(self._paths[shard],
+                                                                   _RANDOM_ACCESS)
+    return self._readers[shard]
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -322,7 +334,7 @@ class RowSource:
     records = [None] * len(indices)
     for s in np.unique(shard):
       at = np.flatnonzero(shard == s)
-      got = self._readers[s].read([int(i) for i in indices[at] - self._starts[s]])
+      got = self._reader(s).read([int(i) for i in indices[at] - self._starts[s]])
       for j, r in zip(at, got):
         records[j] = r
     return decode(records, self.schema)
@@ -332,4 +344,6 @@ class RowSource:
 
   def close(self) -> None:
     for r in self._readers:
-      r.close()
+      if r is not None:
+        r.close()
+    self._readers = [None] * len(self._paths)

@@ -39,6 +39,7 @@ from fmx.hypercast import logging_stream, snapshots
 from fmx.hypercast.event_log import EventLog
 from fmx.hypercast.window_source import FIELDS, batch_examples, by_user, user_examples
 from fmx.train import reporting
+from fmx.train.loop import RunError
 
 with contextlib.ExitStack() as _quiet:  # Beam warns on import about cloud clients it lacks
   _root = logging.getLogger()
@@ -122,7 +123,7 @@ class LogShard(beam.DoFn):
     for j, (follow, want) in enumerate(logging_stream.wanted(window, self.K, self.follow)):
       used, arrays = self.versions.rows(want, batches)
       tae_store.write_shard(self.staging[window], tae_store.window_version(window), j * parts + part,
-                            arrays, logging_stream.shard_info(follow, used, self.dim, part))
+                            arrays, logging_stream.shard_info(follow, used, self.dim, part, parts))
       Metrics.counter("fmx", "rows").inc(len(arrays["user"]))
       yield len(arrays["user"])
 
@@ -161,15 +162,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   done = set(tae_store.windows(c.stream.store))
   todo = [w for w in range(max(c.start_window, K), end) if w not in done]
   needed = sorted({v for w in todo for _, v in logging_stream.wanted(w, K, c.stream.follow)})
+  if needed:  # retention keeps what the workers will read (pinned before the check below)
+    snaps.pin("logging-beam", needed[0], and_newer=True)
   published = {e["version"] for e in snaps.versions()}
   if needed and not set(needed) <= published:
+    snaps.prune_pins("logging-beam", set())
     raise snapshots.SnapshotError(
         f"{c.stream.snapshots}: windows {todo[0]}..{todo[-1]} need FM versions "
-        f"{sorted(set(needed) - published)}, not published yet; log fewer windows "
-        "(--config.end_window) or let the FM trainer publish them")
+        f"{sorted(set(needed) - published)}, which the snapshots lack (not published yet, or "
+        "collected: keep them with the FM's stream.keep_versions); log other windows "
+        "(--config.start_window, --config.end_window)")
   rows, restores = 0, 0
   if todo:
-    snaps.pin("logging-beam", needed[0], and_newer=True)  # retention keeps what the workers read
     with contextlib.ExitStack() as stack:
       writers = {w: stack.enter_context(tae_store.write_version(c.stream.store,
                                                                 tae_store.window_version(w)))
@@ -178,15 +182,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       p = beam.Pipeline(options=options)
       build(p, c, n, todo, {w: str(wr.staging) for w, wr in writers.items()}, K, dim, needed,
             fm_config.input, data.spec.num_tasks)
+      stack.callback(snaps.prune_pins, "logging-beam", set())  # however the run ends
       result = p.run()
-      result.wait_until_finish()
+      state = result.wait_until_finish()
+      if state != beam.runners.runner.PipelineState.DONE:
+        raise RunError(f"the Beam pipeline ended {state}; nothing was committed: rerun it")
       counters = {r.key.metric.name: r.committed
                   for r in result.metrics().query(MetricsFilter().with_namespace("fmx"))["counters"]}
       rows, restores = counters.get("rows", 0), counters.get("fm_restores", 0)
       for w in todo:
         logging_stream.commit_window(writers[w], w, index["windows"][w], data.name,
                                      logging_stream.wanted(w, K, c.stream.follow), dim)
-    snaps.prune_pins("logging-beam", set())
   logged = set(tae_store.windows(c.stream.store))
   if index["closed"] and logged >= set(range(K, n)):  # tell the experts the store is complete
     files.atomic_write(os.path.join(c.stream.store, tae_store.CLOSED),

@@ -87,20 +87,28 @@ def parts(batches: list, per_shard: int) -> list[list]:
   return [batches[i:i + per_shard] for i in range(0, len(batches), per_shard)]
 
 
-def shard_info(follow: str, used: int, dim: int, part: int) -> dict:
-  return {"follow": follow, "fm_version": used, "dim": dim, "part": part}
+def shard_info(follow: str, used: int, dim: int, part: int, parts: int) -> dict:
+  return {"follow": follow, "fm_version": used, "dim": dim, "part": part, "parts": parts}
 
 
 def window_meta(window: int, log_entry: dict, dataset: str, tags: list[dict]) -> dict:
   """A logged window's meta: its log entry's times and events, and per follower the FM version
   used and its shards (shard index = follower * parts + part)."""
-  followers = {}
+  followers, parts = {}, {}
   for t in tags:
     i = t["info"]
     if i:
       f = followers.setdefault(i["follow"], {"follow": i["follow"], "fm_version": i["fm_version"],
                                              "dim": i["dim"], "shards": []})
+      if (i["fm_version"], i["dim"]) != (f["fm_version"], f["dim"]):
+        raise tae_store.StoreError(f"window {window}: the shards of follower {i['follow']!r} "
+                                   "come from different FM versions; log the window again")
       f["shards"].append(t["index"])
+      parts.setdefault(i["follow"], []).append((i["part"], i["parts"]))
+  for follow, got in parts.items():
+    if sorted(got) != [(p, got[0][1]) for p in range(got[0][1])]:
+      raise tae_store.StoreError(f"window {window}: follower {follow!r} has parts "
+                                 f"{sorted(p for p, _ in got)} of {got[0][1]}; log it again")
   first = next(iter(followers.values()), {"shards": []})["shards"]
   return {"window": window, "t_start": log_entry["t_start"], "t_end": log_entry["t_end"],
           "events": log_entry["events"], "dataset": dataset, "followers": list(followers.values()),
@@ -114,7 +122,7 @@ def commit_window(writer: tae_store.VersionWriter, window: int, log_entry: dict,
   if not writer.tags():
     empty = {k: np.zeros((0,), np.float32) for k in logging_tier.COLUMNS}
     for follow, want in followers:
-      writer.write_shard(empty, shard_info(follow, want, dim, 0))
+      writer.write_shard(empty, shard_info(follow, want, dim, 0, 1))
     if not followers:
       writer.write_shard({"user": np.zeros(0, np.int32)})
   writer.meta.update(window_meta(window, log_entry, dataset, writer.tags()))
@@ -147,8 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   snaps.wait(1, c.stream.poll_seconds, timeout)
   fm_config = ml_collections.ConfigDict(snaps.latest()["config"])  # K and the FM's windows
   K, fi, dim = fm_config.stream.publish_every, fm_config.input, int(fm_config.model.dim)
+  first = max(K, c.stream.get("start_window", 0))  # no FM before window K
   done = set(tae_store.windows(c.stream.store))
-  start = min(set(range(K, max(done | {K}) + 2)) - done)  # the first window not committed
+  start = min(set(range(first, max(done | {first}) + 2)) - done)  # the first not committed
   source = WindowSource(c.stream.log_dir, data, fi.max_history, fi.num_candidates,
                         c.batch_size, c.stream.poll_seconds, timeout)
   versions = Versions(snaps, data)
@@ -163,9 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for follow, want in followers:
         for p, chunk in enumerate(chunks):
           used, arrays = versions.rows(want, chunk)
-          writer.write_shard(arrays, shard_info(follow, used, dim, p))
+          writer.write_shard(arrays, shard_info(follow, used, dim, p, len(chunks)))
       commit_window(writer, w, source.log.index()["windows"][w], data.name, followers, dim)
-    if c.drift.enabled and w % K == 0 and w // K >= 2:
+    if c.drift.enabled and w % K == 0 and w // K >= 2 and batches:
       monitor_drift(c.drift, versions, w, w // K, batches, data.spec.surfaces,
                     os.path.join(workdir, "drift.jsonl"))
   if source.log.index()["closed"]:  # tell the experts the store is complete

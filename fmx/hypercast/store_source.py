@@ -100,10 +100,11 @@ class StoreSource:
   in group w // R), a group is read whole before its first batch, and `group` lists its windows
   so that every one of them is scored before the experts train on any (the freshness study's
   later updates). `stream.align` maps each follower's TAEs, per surface and dimension, onto the
-  first and second moments of the TAEs the experts have trained on so far
-  (`fmx.hypercast.drift.align`): the current FM version's moments are running statistics over
-  its windows (TAEs only, no labels, so a window's own rows count before it is scored). The
-  moments are a function of the store's windows, rebuilt on resume by reading them again."""
+  first and second moments of every TAE given to the experts before, as given (aligned), which
+  keeps them in the frame of the first FM version they met (`fmx.hypercast.drift.align`): the
+  current FM version's moments are running statistics over its windows so far (TAEs only, no
+  labels, so a window's own rows count before it is scored). The moments are a function of the
+  store's windows, rebuilt on resume by reading them again."""
 
   steps_per_epoch = None
   total_steps = None

@@ -2,6 +2,7 @@
 at a time, never change once committed, and every shard verifies on read."""
 
 import json
+import pickle
 import re
 import signal
 import subprocess
@@ -206,7 +207,10 @@ def test_rows_are_random_access_for_grain(tmp_path):
   np.testing.assert_array_equal(source[5]["tae"], want["tae"][5])
   with pytest.raises(IndexError):
     source.rows([12])
+  copy = pickle.loads(pickle.dumps(source))  # as grain sends it to worker processes
+  np.testing.assert_array_equal(copy.rows(order)["user"], want["user"][order])
   source.close()
+  copy.close()
 
 
 def test_shards_written_by_other_processes_commit_together(tmp_path):
