@@ -138,7 +138,7 @@ def monitor_drift(c, versions: Versions, window: int, version: int, batches: lis
       at = a["surface"] == s
       if at.sum() >= 2:
         test = drift.mmd_test(b["tae"][at], a["tae"][at], permutations=c.permutations,
-                              max_rows=c.rows, seed=window)
+                              max_rows=c.rows, seed=window, paired=True)
         out.write(json.dumps({"window": window, "from": old, "to": new, "surface": name,
                               **test}) + "\n")
 
