@@ -94,7 +94,7 @@ def apply_all(models, items, follow, params, batch, *, train=False, rng=None):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  c, t0 = config, time.time()
+  c = config
   data = data_load.load(c.input, "surfaces")
   spec = data.spec
   follow = tuple(str(f) for f in c.stream.follow)
