@@ -94,7 +94,7 @@ def shard_info(follow: str, used: int, dim: int, part: int, parts: int) -> dict:
 def window_meta(window: int, log_entry: dict, dataset: str, tags: list[dict]) -> dict:
   """A logged window's meta: its log entry's times and events, and per follower the FM version
   used and its shards (shard index = follower * parts + part)."""
-  followers, parts = {}, {}
+  followers, pieces = {}, {}
   for t in tags:
     i = t["info"]
     if i:
@@ -104,8 +104,8 @@ def window_meta(window: int, log_entry: dict, dataset: str, tags: list[dict]) ->
         raise tae_store.StoreError(f"window {window}: the shards of follower {i['follow']!r} "
                                    "come from different FM versions; log the window again")
       f["shards"].append(t["index"])
-      parts.setdefault(i["follow"], []).append((i["part"], i["parts"]))
-  for follow, got in parts.items():
+      pieces.setdefault(i["follow"], []).append((i["part"], i["parts"]))
+  for follow, got in pieces.items():
     if sorted(got) != [(p, got[0][1]) for p in range(got[0][1])]:
       raise tae_store.StoreError(f"window {window}: follower {follow!r} has parts "
                                  f"{sorted(p for p, _ in got)} of {got[0][1]}; log it again")
