@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 
 from fmx.data import load as data_load  # noqa: E402
 from fmx.hypercast import progressive, summary  # noqa: E402
-from fmx.train import metrics  # noqa: E402
+from fmx.train import metrics, reporting  # noqa: E402
 
 PAPER = {1: 0.10, 6: 0.27, 24: 0.55}  # arXiv 2508.02929 Table 2: NE cost (%) of 1/6/24 h delay
 VARIANT = {"ml-1m": "runlocal", "synthetic": "synthetic"}
@@ -128,7 +128,7 @@ def ablation(dataset: str, spec, runs: dict, delays, seeds, first: int,
   windows = {key: per_window_ne(recs, spec) for key, recs in records.items()}
   keys = [k for k in task_keys(spec) if all(f"ne/{k}" in v for v in ne.values())]
   for (R, s), v in ne.items():
-    fr = summary._json_lines(os.path.join(runs[R, s], "freshness.jsonl"))
+    fr = reporting.json_lines(os.path.join(runs[R, s], "freshness.jsonl"))
     for k in keys:
       rows_csv.append({"study": "delay", "dataset": dataset, "delay_windows": R, "seed": s,
                        "surface_task": k, "ne": v[f"ne/{k}"], "auc": v.get(f"auc/{k}"),
@@ -170,7 +170,7 @@ def delays_table(dataset: str, runs: dict, delays, seeds, first: int) -> str:
   for R in delays:
     tae, upd, wall, pub = [], [], [], []
     for s in seeds:
-      fr = [f for f in summary._json_lines(os.path.join(runs[R, s], "freshness.jsonl"))
+      fr = [f for f in reporting.json_lines(os.path.join(runs[R, s], "freshness.jsonl"))
             if f["window"] >= first]
       tae += [f["tae_staleness_windows"] for f in fr]
       upd += [f["window"] % R + 1 for f in fr]  # windows since the last one trained on, + 1

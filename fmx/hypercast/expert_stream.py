@@ -15,8 +15,8 @@ aligns TAEs of a new FM version to the moments the experts trained on (see `Stor
 
 Its inputs come from `fmx.hypercast.store_source`. Frozen tables are restored in a background
 thread (only the tables of a snapshot, never its dense part) as soon as the next version is
-published, and swapped in at the step boundary where rows of that version start; a version change is appended to
-`workdir/version_changes.jsonl` with its publish-to-expert delay. Rows or a table of another FM
+published, and swapped in at the step boundary where rows of that version start; a version
+change is appended to `workdir/version_changes.jsonl` with its publish-to-expert delay. Rows or a table of another FM
 dimension than the expert was built for are refused.
 """
 
@@ -228,12 +228,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def recorded_versions(path: str) -> dict[str, int]:
   """{follow: FM version} of the newest change each follower recorded in `path` (a restarted
   expert does not record again the version it resumes on)."""
-  out = {}
-  if os.path.exists(path):
-    for line in open(path):
-      try:
-        change = json.loads(line)
-        out[change["follow"]] = change["fm_version"]
-      except (ValueError, KeyError, TypeError):
-        continue  # a line cut by a kill
-  return out
+  return {ch["follow"]: ch["fm_version"] for ch in reporting.json_lines(path)
+          if isinstance(ch, dict) and {"follow", "fm_version"} <= ch.keys()}

@@ -129,10 +129,16 @@ def commit_window(writer: tae_store.VersionWriter, window: int, log_entry: dict,
 
 
 def monitor_drift(c, versions: Versions, window: int, version: int, batches: list[dict],
-                  surfaces: list[str], path: str) -> None:
+                  logged: dict | None, surfaces: list[str], path: str) -> None:
   """Appends, per surface, the MMD test between the TAEs of FM `version` and `version - 1` on
-  the same impressions (`window`'s) to `path`."""
-  (new, a), (old, b) = versions.rows(version, batches), versions.rows(version - 1, batches)
+  the same impressions (`window`'s) to `path`. `logged` ({part: rows}) holds the window's rows
+  under `version` when the tier logged them already."""
+  if logged:
+    new, a = version, {k: np.concatenate([logged[p][k] for p in sorted(logged)])
+                       for k in logging_tier.COLUMNS}
+  else:
+    new, a = versions.rows(version, batches)
+  old, b = versions.rows(version - 1, batches)
   with open(path, "a") as out:
     for s, name in enumerate(surfaces):
       at = a["surface"] == s
@@ -167,16 +173,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     snaps.pin("logging", w // K, and_newer=True)  # this window's version and every later one
     snaps.wait(w // K, c.stream.poll_seconds, timeout)
     chunks = parts(batches, c.batches_per_shard)
-    followers = wanted(w, K, c.stream.follow)
+    followers, logged = wanted(w, K, c.stream.follow), {}  # logged: version -> its rows
     with tae_store.write_version(c.stream.store, tae_store.window_version(w)) as writer:
       for follow, want in followers:
         for p, chunk in enumerate(chunks):
           used, arrays = versions.rows(want, chunk)
           writer.write_shard(arrays, shard_info(follow, used, dim, p, len(chunks)))
+          logged.setdefault(used, {})[p] = arrays
       commit_window(writer, w, source.log.index()["windows"][w], data.name, followers, dim)
     if c.drift.enabled and w % K == 0 and w // K >= 2 and batches:
-      monitor_drift(c.drift, versions, w, w // K, batches, data.spec.surfaces,
-                    os.path.join(workdir, "drift.jsonl"))
+      monitor_drift(c.drift, versions, w, w // K, batches, logged.get(w // K),
+                    data.spec.surfaces, os.path.join(workdir, "drift.jsonl"))
   if source.log.index()["closed"]:  # tell the experts the store is complete
     files.atomic_write(os.path.join(c.stream.store, tae_store.CLOSED),
                        json.dumps({"windows": len(tae_store.windows(c.stream.store))}))

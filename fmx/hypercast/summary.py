@@ -70,31 +70,38 @@ def summarise(workdir: str, c, stage_seconds: dict[str, float]) -> dict:
   out["ne_mean"] = metrics.ne_mean({k[len("expert/"):]: v for k, v in out.items()
                                     if k.startswith("expert/ne/")}) if ex_records else None
   out.update(transfer(ex_records, spec, c.follow))
-  out.update(delays(workdir, c, fm_records, ex_records))
+  log_windows = _log_windows(workdir)
+  out.update(delays(workdir, c, log_windows, fm_records, ex_records))
   out.update(throughput(workdir, stage_seconds))
   out.update(publishing(workdir))
-  out.update(freshness(workdir, c, ex_records))
+  out.update(freshness(workdir, c, log_windows, ex_records))
   out.update(drift_summary(workdir))
   write_per_window(workdir, fm_records, ex_records, spec)
   return out
 
 
-def freshness(workdir: str, c, ex_records) -> dict:
+def _log_windows(workdir: str) -> list[dict] | None:
+  """The event log's window entries (None without a readable index)."""
+  try:
+    return json.load(open(os.path.join(workdir, "log", "index.json")))["windows"]
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def freshness(workdir: str, c, log_windows, ex_records) -> dict:
   """`freshness.jsonl`, per window the experts trained on: the data-to-trainer delay (the window
   visible in the log -> the experts' first step on it; in simulated hours, from the mean event
   time of its rows when the log is replayed at a speed) and how many windows old the FM version
   of its TAEs is (window - version * K)."""
-  try:
-    index = json.load(open(os.path.join(workdir, "log", "index.json")))
-  except (OSError, ValueError):
+  if log_windows is None:
     return {}
   trained = {}
   path = os.path.join(workdir, "experts", "trained.jsonl")
-  for t in _json_lines(path) if os.path.exists(path) else []:
+  for t in reporting.json_lines(path):
     trained.setdefault(t["window"], t["wall"])  # the first time (a restart may train it again)
   K, speed, rows = c.fm.stream.publish_every, c.producer.speed, []
   for w, _, info in ex_records:
-    entry = index["windows"][w]
+    entry = log_windows[w]
     if w not in trained or "appended_at" not in entry:
       continue
     wall = trained[w] - entry["appended_at"]
@@ -116,7 +123,7 @@ def freshness(workdir: str, c, ex_records) -> dict:
 def drift_lines(workdir: str) -> list[dict]:
   """The logging tier's MMD tests (`drift.jsonl`), the last per window and surface."""
   path = os.path.join(workdir, "logging", "drift.jsonl")
-  lines = _json_lines(path) if os.path.exists(path) else []
+  lines = reporting.json_lines(path)
   return list({(d["window"], d["surface"]): d for d in lines}.values())
 
 
@@ -154,41 +161,26 @@ def transfer(records, spec, follow) -> dict:
   return out
 
 
-def delays(workdir: str, c, fm_records, ex_records) -> dict:
-  try:
-    index = json.load(open(os.path.join(workdir, "log", "index.json")))
-  except (OSError, ValueError):
+def delays(workdir: str, c, log_windows, fm_records, ex_records) -> dict:
+  if log_windows is None:
     return {}
-  appended = {i: w["appended_at"] for i, w in enumerate(index["windows"]) if "appended_at" in w}
+  appended = {i: w["appended_at"] for i, w in enumerate(log_windows) if "appended_at" in w}
   speed = c.producer.speed
   med = lambda xs: float(np.median(xs)) if xs else None
   fm = [info["wall"] - appended[w] for w, _, info in fm_records if w in appended]
   ex = [info["wall"] - appended[w] for w, _, info in ex_records if w in appended]
   changes = []
-  path = os.path.join(workdir, "experts", "version_changes.jsonl")
-  if os.path.exists(path):
-    seen = set()
-    for ch in _json_lines(path):
-      if ch.get("follow") == "newest" and ch.get("fm_version") not in seen:
-        seen.add(ch["fm_version"])
-        changes.append(ch["delay_s"])
+  seen = set()
+  for ch in reporting.json_lines(os.path.join(workdir, "experts", "version_changes.jsonl")):
+    if ch.get("follow") == "newest" and ch.get("fm_version") not in seen:
+      seen.add(ch["fm_version"])
+      changes.append(ch["delay_s"])
   out = {"delay/data_to_fm_s": med(fm), "delay/data_to_experts_s": med(ex),
          "delay/publish_to_experts_s": med(changes), "fm_versions_seen": len(changes)}
   if speed:
     for k in ("data_to_fm", "data_to_experts", "publish_to_experts"):
       v = out[f"delay/{k}_s"]
       out[f"delay/{k}_sim_h"] = None if v is None else v * speed / 3600.0
-  return out
-
-
-def _json_lines(path: str) -> list[dict]:
-  """The JSON objects of a `.jsonl` file, skipping a line a kill cut short."""
-  out = []
-  for line in open(path):
-    try:
-      out.append(json.loads(line))
-    except ValueError:
-      continue
   return out
 
 
@@ -215,7 +207,7 @@ def publishing(workdir: str) -> dict:
   path = os.path.join(workdir, "fm", "publish.jsonl")
   if not os.path.exists(path):
     return {}
-  entries = {e["version"]: e for e in _json_lines(path)}.values()
+  entries = {e["version"]: e for e in reporting.json_lines(path)}.values()
   by = {k: [e["bytes"] for e in entries if e["kind"] == k] for k in ("full", "delta")}
   out = {"snapshots/versions": len(entries),
          "snapshots/full_bytes": float(np.mean(by["full"])) if by["full"] else None,
@@ -251,7 +243,7 @@ def plot(workdir: str) -> None:
     return
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = _json_lines(os.path.join(workdir, "metrics.jsonl"))
+  rows = reporting.json_lines(os.path.join(workdir, "metrics.jsonl"))
   fig, ax = plt.subplots(figsize=(8, 4))
   for key in sorted({k for r in rows for k in r if k.startswith("ne_mean/")}):
     pts = [(r["window"], r[key]) for r in rows if key in r]

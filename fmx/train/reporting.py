@@ -58,6 +58,19 @@ def write_results(workdir: str, results: dict) -> str:
   return path
 
 
+def json_lines(path: str) -> list[dict]:
+  """The JSON objects of a `.jsonl` file ([] if there is none), skipping a line a kill cut
+  short."""
+  out = []
+  if os.path.exists(path):
+    for line in open(path):
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+  return out
+
+
 def read_results(workdir: str) -> dict:
   with open(os.path.join(workdir, "results.json")) as f:
     return json.load(f)
