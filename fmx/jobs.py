@@ -17,6 +17,7 @@ JOBS = {
     "logging_beam": "fmx.hypercast.logging_beam",  # log a range of windows with Apache Beam
     "expert_stream": "fmx.hypercast.expert_stream",  # experts trained on each new logged window
     "hypercast": "fmx.hypercast.pipeline",  # all four stages as processes, one supervisor
+    "serve": "fmx.serving.service",  # the online FM and expert tiers as an HTTP service
 }
 
 

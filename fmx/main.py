@@ -83,6 +83,7 @@ def main(argv):
   from fmx.hypercast.event_log import LogError
   from fmx.hypercast.snapshots import SnapshotError
   from fmx.runtime.checkpoint import CheckpointError
+  from fmx.serving.versions import VersionError
   from fmx.train.loop import RunError, Stopped
   def interrupt(signum, frame):
     raise KeyboardInterrupt
@@ -102,7 +103,7 @@ def main(argv):
     print(f"fmx: {e}", file=sys.stderr)
     sys.exit(128 + (signal.SIGTERM if "SIGTERM" in str(e) else signal.SIGINT))
   except (RawDataError, StoreError, CheckpointError, RunError, files.LockedError,
-          common.ConfigError, LogError, SnapshotError) as e:
+          common.ConfigError, LogError, SnapshotError, VersionError) as e:
     fail(str(e))
   except ValueError as e:  # a config value that the job rejects
     if flags.FLAGS["verbosity"].present:

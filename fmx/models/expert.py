@@ -39,7 +39,8 @@ class Expert(nn.Module):
 
   batch: `ids, actions, timestamps [B, T]` (the surface's last T events before the request,
   right-padded), `lengths [B]`, `cand [B]`, `request_time [B]`, and `tae` / `ue` `[B, d_fm]`
-  when the carrier uses them. items: `genres [V, G]`, `content [V, C]`. `fm_table`, if given,
+  when the carrier uses them; `content [B, C]`, if given, replaces the candidate's content
+  vector from the item table (a request's fresh features). items: `genres [V, G]`, `content [V, C]`. `fm_table`, if given,
   is a frozen FM embedding table `[V_fm, d_fm]` (the item-id table of a published snapshot):
   the candidate's row is another FM input, behind `stop_gradient` like the TAE.
   """
@@ -85,6 +86,7 @@ class Expert(nn.Module):
     cand = batch["cand"]
     surface = (item(cand) + nn.Dense(d, use_bias=False, name="genres")(
         jnp.take(items["genres"], cand, axis=0).astype(jnp.float32))
-               + nn.Dense(d, use_bias=False, name="content")(jnp.take(items["content"], cand, axis=0)))
+               + nn.Dense(d, use_bias=False, name="content")(
+                   batch["content"] if "content" in batch else jnp.take(items["content"], cand, axis=0)))
     h = jax.nn.silu(nn.Dense(d, name="expert_fusion")(jnp.concatenate([fused, surface], -1)))
     return nn.Dense(self.num_tasks, name="heads")(h)

@@ -9,7 +9,8 @@ action interleaving. The HSTU output at a candidate's position is its target-awa
 
 Pure functions of `params`: `FoundationModel.__call__` (training, full sequence), and
 `encode_history` + `extend` (M-FALCON: the history is encoded once, candidates come in
-micro-batches against its key/value cache; `fmx.runtime.mfalcon` serves requests with them).
+micro-batches against its key/value cache; `fmx.runtime.mfalcon` serves requests with them);
+`append_history` updates a cached encoding when events are appended to the history.
 """
 
 from __future__ import annotations
@@ -119,6 +120,22 @@ class FoundationModel(nn.Module):
     x = jnp.where((jnp.arange(h)[None, :] < hist["lengths"][:, None])[..., None], x, 0.0)
     return self.encoder(x, hist["lengths"], hist["timestamps"], hist["query_times"],
                         positions=positions, train=False, return_cache=True)
+
+  def append_history(self, hist, cache, start, rows: int, items):
+    """`encode_history` of `hist` from the cache of an earlier history that has the same inputs
+    (event, age bucket, query time) on rows `< start [B]`: only rows start .. start + rows - 1
+    (`rows` static) are encoded. Needs start <= the earlier length and `lengths <= start + rows`.
+    Returns (outputs of those rows `[B, rows, d]`, zero from `lengths` on; the new cache)."""
+    b, h = hist["ids"].shape
+    pos = start[:, None] + jnp.arange(rows, dtype=jnp.int32)[None]  # [B, rows]
+    idx = jnp.minimum(pos, h - 1)  # rows past the end are padding
+    at = lambda a: jnp.take_along_axis(a, idx, axis=1)
+    x = self.embed(at(hist["ids"]), at(hist["surfaces"]), at(hist["actions"]),
+                   at(hist["timestamps"]), hist["request_time"], idx, items, train=False)
+    x = jnp.where((pos < hist["lengths"][:, None])[..., None], x, 0.0)
+    positions = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (b, h))
+    return self.encoder.append(x, cache, start, hist["lengths"], hist["timestamps"],
+                               hist["query_times"], positions)
 
   def extend(self, hist, cache, cand, items):
     """TAEs `[B, M, d]` and logits of candidates `[B, M]` (ids, surfaces) against the cache."""

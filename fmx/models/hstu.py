@@ -7,7 +7,8 @@ sum of a learned position bias over `2N-1` relative positions and a learned time
 
 Ranking mode: targets (candidates) are appended after the history with `num_targets`; they
 share the position right after the history. `encode_history` + `extend` compute the same
-target outputs from a per-layer key/value cache of the history (M-FALCON).
+target outputs from a per-layer key/value cache of the history (M-FALCON); `append` updates that
+cache when rows are appended to (or change at the end of) the history.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kernels import hstu_attention, hstu_cached_attention
+from kernels import hstu_attention, hstu_cached_attention, masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,27 @@ class HSTULayer(nn.Module):
         scale_len=self.scale_len)
     return self.combine(x_new, u, attn, train=False)
 
+  def append(self, x_rows, k_cache, v_cache, rows, mask, buckets, rel):
+    """Rows at positions `rows [B, R]` against this layer's cache with their own keys/values
+    written in (positions >= N are dropped); returns (outputs, new (k, v)). Inference only."""
+    u, q, k, v = self.project(x_rows)
+    b = jnp.arange(rows.shape[0])[:, None]
+    k = k_cache.at[b, rows].set(k, mode="drop")
+    v = v_cache.at[b, rows].set(v, mode="drop")
+    attn = _masked_attention(q, k, v, mask, self.bias(buckets, rel), alpha=self.config.alpha,
+                             scale_len=self.scale_len)
+    return self.combine(x_rows, u, attn, train=False), (k, v)
+
+
+def _masked_attention(q, k, v, mask, bias, *, alpha, scale_len):
+  """Dense HSTU attention (the formula of `kernels.reference.hstu_attention_reference`) of
+  queries `[B, R, H, dqk]` over keys/values `[B, N, H, d]` with a `[B, R, N]` mask and bias."""
+  logits = jnp.einsum("bihd,bjhd->bhij", q, k) * alpha
+  if bias is not None:
+    logits = logits + bias[:, None]
+  w = jnp.where(mask[:, None], jax.nn.silu(logits) / scale_len, 0.0)
+  return jnp.einsum("bhij,bjhd->bihd", w, v)
+
 
 def _ln(x):
   """LayerNorm without learned scale or bias (as the official code), eps 1e-6."""
@@ -173,3 +195,28 @@ class HSTU(nn.Module):
     for layer, (k, v) in zip(self.layers, cache):
       x_new = layer.extend(x_new, k, v, cache_lengths, buckets_cache, rel_cache, buckets_self, rel_self)
     return x_new
+
+  def append(self, x_rows, cache, start, lengths, timestamps, query_times, positions):
+    """Re-encodes rows `start[b] .. start[b] + R - 1` of a history whose rows `< start` have the
+    same inputs, query times and positions as in an earlier encoding (being causal, the same
+    keys/values at every layer too). Inference only.
+
+    `x_rows [B, R, d]`: the layer-0 inputs of those rows (R static); `cache`: the earlier per-layer
+    (k, v) `[B, N, H, .]`, valid for rows < start; `lengths [B]` (<= start + R), `timestamps`,
+    `query_times`, `positions` `[B, N]`: the new history. Returns (the rows' outputs `[B, R, d]`,
+    zero from `lengths` on; the new cache, rows start .. start + R - 1 that are < N replaced),
+    the rows of `__call__(..., return_cache=True)` on the new history below `lengths`.
+    """
+    c = self.config
+    n = timestamps.shape[1]
+    rows = start[:, None] + jnp.arange(x_rows.shape[1], dtype=jnp.int32)[None]  # [B, R]
+    at = lambda a: jnp.take_along_axis(a, jnp.minimum(rows, n - 1), axis=1)
+    buckets = time_buckets(timestamps, at(query_times), c.num_buckets)
+    rel = relative_positions(at(positions), positions, c.max_len)
+    keys = jnp.arange(n)[None, None]
+    mask = masks.element_mask(rows[:, :, None], keys, lengths[:, None, None], 0)  # causal, lengths
+    new_cache = []
+    for layer, (k, v) in zip(self.layers, cache):
+      x_rows, kv = layer.append(x_rows, k, v, rows, mask, buckets, rel)
+      new_cache.append(kv)
+    return jnp.where((rows < lengths[:, None])[..., None], x_rows, 0.0), new_cache

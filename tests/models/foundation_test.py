@@ -1,5 +1,5 @@
 """Foundation-model facts: candidate isolation, history causality, summation inputs, M-FALCON
-micro-batching, and task masking in the MTML loss."""
+micro-batching, appending to an encoded history, and task masking in the MTML loss."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 
 from fmx.configs import foundation as fm_configs
 from fmx.data import ranking, synthetic_surfaces
+from fmx.models.foundation import age_bucket
 from fmx.runtime import fm as fm_runtime
 from fmx.runtime.mfalcon import MFalcon, history_inputs
 from fmx.train import losses
@@ -85,6 +86,62 @@ def test_mfalcon_micro_batches_match_full_sequence(setup):
   np.testing.assert_array_equal(outs[1], MFalcon(model, items, 4).target_aware_embeddings(params, hist, cand))
   ue = MFalcon(model, items).user_embedding(params, hist)
   assert ue.shape == (full.shape[-1],)
+
+
+def _histories(data, spec, appended: bool):
+  """`[B, 20]` histories, one per (user, n): the user's first n events (request 30 s after the
+  last), or those plus 3 events a minute apart (request a minute after them) when `appended`."""
+  hists = []
+  for u, n in spec:
+    last = int(data.timestamps[u][n - 1])
+    m = n + 3 if appended else n
+    ids = data.item_ids[u][:m]
+    ts = np.append(data.timestamps[u][:n], last + 60 * np.arange(1, 4))[:m]
+    hists.append(history_inputs(ids, data.item_surface[ids], data.actions[u][:m], ts,
+                                last + (240 if appended else 30), 20))
+  return {k: np.concatenate([h[k] for h in hists]) for k in hists[0]}
+
+
+def _first_change(old, new):
+  """Per row, the first position whose inputs (event, age bucket, query time) differ."""
+  age = lambda h: np.asarray(age_bucket(h["request_time"][:, None], h["timestamps"]))
+  diff = age(old) != age(new)
+  for k in ("ids", "surfaces", "actions", "timestamps", "query_times"):
+    diff |= old[k] != new[k]
+  diff |= np.arange(20)[None] >= old["lengths"][:, None]
+  return diff.argmax(axis=1).astype(np.int32)
+
+
+def _check_append(setup, start, rows):
+  data, model, params, items, _ = setup
+  apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
+  spec = [(2, 7), (5, 15)]  # row 1: start + rows runs past H = 20
+  old, new = _histories(data, spec, False), _histories(data, spec, True)
+  start = _first_change(old, new) if start is None else start
+  assert (start < old["lengths"]).all() and (new["lengths"] <= start + rows).all()
+  _, old_cache = apply("encode_history", old, items)
+  out, cache = apply("encode_history", new, items)
+  cand = {"ids": np.array([[5, 9, 40], [77, 3, 12]], np.int32),
+          "surfaces": np.array([[0, 1, 2], [3, 0, 1]], np.int32)}
+  want = apply("extend", new, cache, cand, items)
+  row_out, appended = apply("append_history", new, old_cache, start, rows, items)
+  for got, w in zip(apply("extend", new, appended, cand, items), want):
+    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+  pos = start[:, None] + np.arange(rows)
+  real = pos < new["lengths"][:, None]
+  fresh_rows = np.asarray(out)[np.nonzero(real)[0], pos[real]]
+  np.testing.assert_allclose(np.asarray(row_out)[real], fresh_rows, rtol=1e-5, atol=1e-5)
+  assert (np.asarray(row_out)[~real] == 0).all()
+  return start
+
+
+def test_append_history_matches_fresh_encoding(setup):
+  start = _check_append(setup, None, rows=8)
+  assert (start > 0).all() and start[0] != start[1]  # rows before start reused from the cache
+
+
+def test_append_history_from_row_zero_matches_fresh_encoding(setup):
+  _check_append(setup, np.zeros(2, np.int32), rows=20)
 
 
 def test_invalid_task_has_zero_loss_and_gradient():

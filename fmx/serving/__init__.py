@@ -1,0 +1,1 @@
+"""The online serving tiers and the HTTP ranking service."""
