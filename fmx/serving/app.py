@@ -84,8 +84,7 @@ class Service:
     """(FMRequest, short-term events, content, request_time); raises RequestValidationError
     naming the field of any input the models cannot take."""
     errors = []
-    err = lambda loc, msg: errors.append({"loc": ["body", *loc], "msg": msg, "type": "value_error",
-                                          "input": None})
+    err = lambda loc, msg: errors.append({"loc": ["body", *loc], "msg": msg, "type": "value_error"})
     limit = now + self.s.future_tolerance_seconds
     rt = body.request_time if body.request_time is not None else int(now)
     if rt > limit:
@@ -224,7 +223,7 @@ def create_app(service: Service, token: str | None, warm) -> FastAPI:
                 description="The online FM tier (M-FALCON target-aware embeddings) and the "
                             "per-surface expert tier of the Foundation-Expert paradigm.")
   errors = {code: {"model": schema.Error, "description": why} for code, why in (
-      (401, "missing or wrong bearer token"), (413, "request body too large"),
+      (400, "the body is not JSON"), (401, "missing or wrong bearer token"), (413, "request body too large"),
       (503, "overloaded (see Retry-After) or not ready yet"), (504, "not answered in time"))}
 
   @app.post("/v1/surfaces/{surface}/rank", response_model=schema.Ranked, responses=errors)
@@ -244,11 +243,16 @@ def create_app(service: Service, token: str | None, warm) -> FastAPI:
       m.requests.labels(name, "504").inc()
       return _error(504, f"not answered within {s.timeout_seconds}s: retry, or send fewer candidates")
     except RequestValidationError:
-      m.rejected.labels("invalid").inc()
       m.requests.labels(name, "422").inc()
       raise
     m.requests.labels(name, "200").inc()
     return out
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(_, exc: RequestValidationError):  # the field and why, never the input back
+    m.rejected.labels("invalid").inc()
+    return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                    for e in exc.errors()]}, 422)
 
   @app.get("/healthz", response_model=schema.Health)
   async def healthz():

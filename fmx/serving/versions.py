@@ -81,10 +81,7 @@ class FMSource:
     if self.snaps is not None:
       latest = self.snaps.latest()
       return latest["version"] if latest else None
-    ckpt = checkpoint.Checkpointer(os.path.join(self.path, "checkpoints"), read_only=True)
-    steps = ckpt.steps()
-    ckpt.close()
-    return steps[0] if steps else None
+    return newest_step(os.path.join(self.path, "checkpoints"))
 
   def load(self, version: int) -> FMVersion:
     if self.snaps is not None:
@@ -93,6 +90,16 @@ class FMSource:
       return FMVersion(version, _device_tree(params), ml_collections.ConfigDict(entry["config"]))
     pinned = fm_runtime.restore(self.path, step=version, load_data=lambda _: self.data)
     return FMVersion(pinned.step, pinned.params, pinned.config)
+
+
+def newest_step(directory: str) -> int | None:
+  """The newest finished checkpoint step in `directory` (Orbax renames a step's directory to
+  its number once it is complete); cheap enough to poll."""
+  try:
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  except FileNotFoundError:
+    return None
+  return max(steps) if steps else None
 
 
 def _restore_params(directory: str, step: int | None, abstract_of: Callable):
@@ -135,16 +142,7 @@ class ExpertSource:
     return {s: os.path.join(self.path, s, "checkpoints") for s in self.surfaces}
 
   def newest(self) -> dict[str, int | None]:
-    out = {}
-    for s, d in self._dirs().items():
-      if not os.path.isdir(d):
-        out[s] = None
-        continue
-      ckpt = checkpoint.Checkpointer(d, read_only=True)
-      steps = ckpt.steps()
-      ckpt.close()
-      out[s] = steps[0] if steps else None
-    return out
+    return {s: newest_step(d) for s, d in self._dirs().items()}
 
   def load(self, steps: dict[str, int], fm: FMVersion) -> dict[str, ExpertVersion]:
     """The experts at `steps`, built for the FM tables of `fm`."""
