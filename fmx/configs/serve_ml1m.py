@@ -43,16 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.future_tolerance_seconds = 300  # event or request times later than now + this are refused
   s.unknown_items = "reject"  # "reject" (422) | "oov" (mapped to the out-of-vocabulary row 0)
   # dynamic batching, per tier
-  s.max_batch = 16  # requests per FM batch
+  s.max_batch = 16  # requests per batch (per tier)
   s.max_wait_ms = 2.0  # how long a batch waits for more requests
   s.max_queue = 256  # requests waiting per tier; more get 503 with Retry-After
   s.retry_after_seconds = 1
   # shapes (jit compiles each once, at warm-up)
-  s.batch_buckets = (1, 4, 16)  # FM batch sizes (<= max_batch is padded up to one of these)
+  s.batch_buckets = (1, 2, 4, 8, 16)  # FM batch sizes (a batch is padded up to one of these)
   s.history_buckets = (64, 128, 256)  # padded history lengths (cut to serve.max_history)
   s.micro_batch = 128  # candidates per M-FALCON micro-batch
   s.append_buckets = (16, 64)  # rows a cached history recomputes when events are appended
-  s.expert_row_buckets = (512, 2048, 8192)  # candidate rows per expert batch
+  s.expert_row_buckets = (256, 512, 1024, 2048, 4096)  # candidate rows per expert batch
   s.cache_bytes = 256 << 20  # the history cache (LRU by bytes; 0 turns it off)
   s.reload_seconds = 2.0  # how often to look for new FM and expert versions
   # the value model: final score = sum of weight * task probability over the surface's tasks

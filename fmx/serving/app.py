@@ -70,7 +70,7 @@ class Service:
               observe=self.metrics.observe_batch)
     self.fm_batcher = Batcher("fm", lambda fm, reqs: fm_tier.run(fm.params, fm.version, reqs), **kw)
     self.expert_batcher = Batcher("expert", lambda sv, reqs: expert_tier.run(sv.fm, sv.experts, reqs),
-                                  **{**kw, "max_batch": 4 * s.max_batch})
+                                  **kw)
 
   def publish_versions(self, served: Served) -> None:
     self.metrics.version.labels("fm").set(served.fm.version)
@@ -254,7 +254,7 @@ def create_app(service: Service, token: str | None, warm) -> FastAPI:
     return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
                                     for e in exc.errors()]}, 422)
 
-  @app.get("/healthz", response_model=schema.Health)
+  @app.get("/healthz", response_model=schema.Health, response_model_exclude_none=True)
   async def healthz():
     return {"status": "ok"}
 

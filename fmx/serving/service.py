@@ -146,7 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     await server.serve()
     task.cancel()
 
-  asyncio.run(main())
+  try:
+    asyncio.run(main())
+  except KeyboardInterrupt:  # uvicorn shut down on SIGTERM/SIGINT, then re-raised the signal
+    pass
   if os.path.exists(address):
     os.remove(address)
   cur = service.registry.current

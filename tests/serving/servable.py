@@ -42,6 +42,7 @@ def save_experts(root, data, c, step: int, seed: int, fm_dim: int, fm_vocab: int
 def serve_config(root, **overrides) -> ml_collections.ConfigDict:
   from fmx.configs import serve_ml1m
   c = serve_ml1m.get_config("synthetic,runlocal")
+  c.input.synthetic = hypercast_ml1m.get_config("synthetic").fm.input.synthetic  # the fixture's data
   c.serve.hypercast = str(root)
   c.serve.port = 0
   c.serve.reload_seconds = 0.2
