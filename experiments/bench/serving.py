@@ -306,7 +306,7 @@ def bench(args, w: str) -> None:
   table(f"Dynamic batching vs one request at a time (concurrency {k}, the same requests)",
         ["service", *header],
         [["dynamic batching (default)", *rows.get(k, [""] * 8)],
-         ["max_batch=1, batch_buckets=(1,) (expert batches still up to 4)", *single],
+         ["max_batch=1, batch_buckets=(1,)", *single],
          ["batched / one at a time", "", "", "", "", ratio(4), ratio(5), "", ""]])
   table("Service memory (/proc/<pid>/status, read before stopping it)",
         ["service", "peak RSS MB (VmHWM)", "RSS MB at the end", "history cache MB (/metrics)"],
