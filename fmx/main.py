@@ -22,7 +22,8 @@ from fmx.configs import common
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-SUMMARY = ("hr@10", "ndcg@10", "mrr", "ne_mean", "rel_ne/", "rows", "windows", "events")
+SUMMARY = ("hr@10", "ndcg@10", "mrr", "ne_mean", "rel_ne/", "rows", "windows", "events",
+           "requests/")
 
 
 def fail(message: str, status: int = 2):
