@@ -81,8 +81,8 @@ class Service:
   # ---- one ranking request --------------------------------------------------------------------
 
   def to_arrays(self, surface: str, body, now: float):
-    """(FMRequest, short-term events, content, request_time); raises RequestValidationError
-    naming the field of any input the models cannot take."""
+    """(FMRequest, the surface's short-term events, the candidates' content); raises
+    RequestValidationError naming the field of any input the models cannot take."""
     errors = []
     err = lambda loc, msg: errors.append({"loc": ["body", *loc], "msg": msg, "type": "value_error"})
     limit = now + self.s.future_tolerance_seconds
