@@ -274,7 +274,7 @@ def bench(args, w: str) -> None:
                    f"{data.spec.surfaces[0]}, {args.requests} per level (at most "
                    f"{args.max_seconds:.0f} s)"],
       ["serve", ", ".join(f"{k} {s[k]}" for k in ("max_batch", "max_wait_ms", "batch_buckets",
-                          "history_buckets", "micro_batch", "expert_row_buckets", "cache_bytes"))]])
+                          "history_buckets", "micro_batch", "cache_bytes"))]])
   mfalcon_gain(fm, data, bodies.body("mfalcon"), s.micro_batch, args.reps)
   del fm
   levels, k = [int(x) for x in args.concurrency.split(",")], BATCHING_CONCURRENCY

@@ -50,9 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # shapes (jit compiles each once, at warm-up)
   s.batch_buckets = (1, 2, 4, 8, 16)  # FM batch sizes (a batch is padded up to one of these)
   s.history_buckets = (64, 128, 256)  # padded history lengths (cut to serve.max_history)
-  s.micro_batch = 128  # candidates per M-FALCON micro-batch
+  s.micro_batch = 128  # candidates per M-FALCON micro-batch (both tiers)
   s.append_buckets = (16, 64)  # rows a cached history recomputes when events are appended
-  s.expert_row_buckets = (256, 512, 1024, 2048, 4096)  # candidate rows per expert batch
   s.cache_bytes = 256 << 20  # the history cache (LRU by bytes; 0 turns it off)
   s.reload_seconds = 2.0  # how often to look for new FM and expert versions
   # the value model: final score = sum of weight * task probability over the surface's tasks
@@ -65,6 +64,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.history_buckets = (32, 128)
     s.micro_batch = 64
     s.append_buckets = (16,)
-    s.expert_row_buckets = (256, 1024)
     s.max_candidates = 256
   return c

@@ -14,8 +14,6 @@ The FM inputs arrive as arrays (materialised TAEs from `fmx.data.tae_store`) and
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,9 +38,13 @@ class Expert(nn.Module):
   batch: `ids, actions, timestamps [B, T]` (the surface's last T events before the request,
   right-padded), `lengths [B]`, `cand [B]`, `request_time [B]`, and `tae` / `ue` `[B, d_fm]`
   when the carrier uses them; `content [B, C]`, if given, replaces the candidate's content
-  vector from the item table (a request's fresh features). items: `genres [V, G]`, `content [V, C]`. `fm_table`, if given,
-  is a frozen FM embedding table `[V_fm, d_fm]` (the item-id table of a published snapshot):
-  the candidate's row is another FM input, behind `stop_gradient` like the TAE.
+  vector from the item table (a request's fresh features). items: `genres [V, G]`,
+  `content [V, C]`. `fm_table`, if given, is a frozen FM embedding table `[V_fm, d_fm]` (the
+  item-id table of a published snapshot): the candidate's row is another FM input, behind
+  `stop_gradient` like the TAE. `config.max_len` must be T + 1 (the events and the candidate).
+
+  Serving scores many candidates of one request the M-FALCON way: `encode_events` once, then
+  `score` for candidates `[B, M]` against its cache, equal to `__call__` row by row.
   """
 
   config: HSTUConfig  # the short-term HSTU; its width is the expert's width
@@ -50,43 +52,91 @@ class Expert(nn.Module):
   num_tasks: int
   carrier: str = "tae"
 
-  @nn.compact
-  def __call__(self, batch, items, *, train: bool = False, fm_table=None):
+  def setup(self):
     c = self.config
     if self.carrier not in CARRIERS:
       raise ValueError(f"expert carrier={self.carrier!r}: expected one of {CARRIERS}")
     d = c.dim
-    item = nn.Embed(self.vocab_size, d, embedding_init=nn.initializers.truncated_normal(0.02), name="item")
-    action = nn.Embed(4, d, name="action")
+    self.item = nn.Embed(self.vocab_size, d, embedding_init=nn.initializers.truncated_normal(0.02))
+    self.action = nn.Embed(4, d)
+    self.short_term = HSTU(c)
+    self.fm_tae = FMEmbedding(d, c.dropout)
+    self.fm_ue = FMEmbedding(d, c.dropout)
+    self.fm_item = FMEmbedding(d, c.dropout)
+    self.fm_fusion = nn.Dense(2 * d)
+    self.fm_fusion_out = nn.Dense(d)
+    self.genres = nn.Dense(d, use_bias=False)
+    self.content = nn.Dense(d, use_bias=False)
+    self.expert_fusion = nn.Dense(d)
+    self.heads = nn.Dense(self.num_tasks)
+
+  def _events(self, batch):
+    """Inputs, timestamps and query times of the events `[B, T]` (the last one's query time is
+    the request's)."""
+    b, t = batch["ids"].shape
+    x = self.item(batch["ids"]) + jnp.where((batch["actions"] > 0)[..., None],
+                                            self.action(batch["actions"]), 0.0)
+    rt = batch["request_time"][:, None]
+    qt = jnp.concatenate([batch["timestamps"][:, 1:], rt], 1)
+    qt = jnp.where(jnp.arange(t)[None] >= batch["lengths"][:, None] - 1, rt, qt)
+    return x, batch["timestamps"], qt
+
+  def __call__(self, batch, items, *, train: bool = False, fm_table=None):
     b, t = batch["ids"].shape
     lengths = batch["lengths"]
+    x, ts, qt = self._events(batch)
     # short-term sequence: [events, candidate, padding]; the candidate carries no action
     pos = jnp.arange(t + 1)[None, :]
-    ids = jnp.concatenate([batch["ids"], jnp.zeros((b, 1), jnp.int32)], 1)
-    ids = jnp.where(pos == lengths[:, None], batch["cand"][:, None], ids)
-    act = jnp.concatenate([batch["actions"], jnp.zeros((b, 1), jnp.int32)], 1)
-    x = item(ids) + jnp.where((act > 0)[..., None], action(act), 0.0)
-    ts = jnp.concatenate([batch["timestamps"], jnp.zeros((b, 1), batch["timestamps"].dtype)], 1)
-    ts = jnp.where(pos == lengths[:, None], batch["request_time"][:, None], ts)
-    qt = jnp.concatenate([ts[:, 1:], batch["request_time"][:, None]], 1)
-    qt = jnp.where(pos >= lengths[:, None] - 1, batch["request_time"][:, None], qt)
-    out = HSTU(dataclasses.replace(c, max_len=t + 1), name="short_term")(
-        x, lengths + 1, ts, qt, num_targets=jnp.ones_like(lengths), train=train)
+    at_cand = pos == lengths[:, None]
+    pad = lambda a, fill: jnp.concatenate([a, jnp.broadcast_to(fill, (b, 1) + a.shape[2:])], 1)
+    x = jnp.where(at_cand[..., None], self.item(batch["cand"])[:, None], pad(x, 0.0))
+    rt = batch["request_time"][:, None]
+    ts = jnp.where(at_cand, rt, pad(ts, 0))
+    qt = jnp.where(pos >= lengths[:, None], rt, pad(qt, 0))
+    out = self.short_term(x, lengths + 1, ts, qt, num_targets=jnp.ones_like(lengths), train=train)
     short = jnp.take_along_axis(out, lengths[:, None, None], axis=1)[:, 0]
+    return self._head(short, batch, items, train=train, fm_table=fm_table)
+
+  def encode_events(self, batch):
+    """The short-term HSTU's per-layer key/value cache of the events (inference)."""
+    x, ts, qt = self._events(batch)
+    return self.short_term(x, batch["lengths"], ts, qt, train=False, return_cache=True)[1]
+
+  def score(self, batch, cache, items, fm_table=None):
+    """Logits `[B, M, num_tasks]` of candidates `cand [B, M]` (with `tae [B, M, d_fm]`, and
+    `ue [B, d_fm]`, `content [B, M, C]` as the carrier and request give them) against the
+    cache of `encode_events(batch)`: what `__call__` gives each (events, candidate) row."""
+    b, m = batch["cand"].shape
+    t = batch["ids"].shape[1]
+    rt = jnp.broadcast_to(batch["request_time"][:, None], (b, m))
+    new_pos = jnp.broadcast_to(batch["lengths"][:, None], (b, m)).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    short = self.short_term.extend(self.item(batch["cand"]), cache, batch["lengths"],
+                                   batch["timestamps"], rt, new_pos, positions)
+    rows = {"cand": batch["cand"].reshape(-1)}
+    if "tae" in batch:
+      rows["tae"] = batch["tae"].reshape(b * m, -1)
+    if "ue" in batch:
+      rows["ue"] = jnp.repeat(batch["ue"], m, axis=0)
+    if "content" in batch:
+      rows["content"] = batch["content"].reshape(b * m, -1)
+    logits = self._head(short.reshape(b * m, -1), rows, items, train=False, fm_table=fm_table)
+    return logits.reshape(b, m, -1)
+
+  def _head(self, short, rows, items, *, train: bool, fm_table):
+    """FM fusion of [short-term, FM knowledge], expert fusion with the candidate's surface
+    features, and the task heads, per row."""
     parts = [short]
     if "tae" in self.carrier:
-      parts.append(FMEmbedding(d, c.dropout, name="fm_tae")(batch["tae"], train=train))
+      parts.append(self.fm_tae(rows["tae"], train=train))
     if "ue" in self.carrier:
-      parts.append(FMEmbedding(d, c.dropout, name="fm_ue")(batch["ue"], train=train))
+      parts.append(self.fm_ue(rows["ue"], train=train))
+    cand = rows["cand"]
     if fm_table is not None:  # the FM's frozen item-id table, the candidate's row
-      parts.append(FMEmbedding(d, c.dropout, name="fm_item")(
-          jnp.take(fm_table, batch["cand"], axis=0), train=train))
-    fused = nn.Dense(d, name="fm_fusion_out")(jax.nn.silu(nn.Dense(2 * d, name="fm_fusion")(
-        jnp.concatenate(parts, -1))))
-    cand = batch["cand"]
-    surface = (item(cand) + nn.Dense(d, use_bias=False, name="genres")(
-        jnp.take(items["genres"], cand, axis=0).astype(jnp.float32))
-               + nn.Dense(d, use_bias=False, name="content")(
-                   batch["content"] if "content" in batch else jnp.take(items["content"], cand, axis=0)))
-    h = jax.nn.silu(nn.Dense(d, name="expert_fusion")(jnp.concatenate([fused, surface], -1)))
-    return nn.Dense(self.num_tasks, name="heads")(h)
+      parts.append(self.fm_item(jnp.take(fm_table, cand, axis=0), train=train))
+    fused = self.fm_fusion_out(jax.nn.silu(self.fm_fusion(jnp.concatenate(parts, -1))))
+    content = rows["content"] if "content" in rows else jnp.take(items["content"], cand, axis=0)
+    surface = (self.item(cand) + self.genres(jnp.take(items["genres"], cand, axis=0).astype(jnp.float32))
+               + self.content(content))
+    h = jax.nn.silu(self.expert_fusion(jnp.concatenate([fused, surface], -1)))
+    return self.heads(h)

@@ -1,19 +1,23 @@
 """The expert tier: per-task scores of a surface's expert on the FM tier's TAEs and the
 candidates' own features, and the surface's value model (a weighted sum of task scores).
 
-Rows of all requests on one surface and expert version go through the expert in one call,
-padded to `row_buckets`; each (surface, expert model, bucket) compiles once, at warm-up.
+The requests of one surface and expert version are scored together, the M-FALCON way: their
+short-term events are encoded once (`Expert.encode_events`, padded to `batch_buckets`
+requests) and their candidates are scored against that cache in micro-batches of
+`micro_batch` (`Expert.score`). Each (expert model, batch bucket) compiles once, at warm-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
 
 from fmx.models.foundation import probabilities
-from fmx.serving.versions import ExpertVersion, FMVersion, dummy_rows
+from fmx.serving.fm_tier import bucket
+from fmx.serving.versions import ExpertVersion, FMVersion
 
 
 @dataclasses.dataclass
@@ -46,32 +50,35 @@ def value_weights(spec, weights: dict) -> dict[str, np.ndarray]:
 class ExpertTier:
   """Scores requests with the experts of a `Served`; `items` is the expert's item table."""
 
-  def __init__(self, items: dict, spec, row_buckets, weights: dict):
+  def __init__(self, items: dict, spec, *, batch_buckets, micro_batch: int, weights: dict):
     self.items, self.spec = items, spec
-    self.row_buckets = tuple(sorted(row_buckets))
+    self.batch_buckets, self.micro_batch = tuple(sorted(batch_buckets)), micro_batch
     self.weights = value_weights(spec, weights)
     self.tasks = {name: [spec.tasks[t] for t in np.flatnonzero(spec.valid[s])]
                   for s, name in enumerate(spec.surfaces)}
     self._fns: dict = {}
 
-  def _fn(self, model):
+  def _compiled(self, model):
+    """(encode, score) of `model`, jitted once per distinct expert architecture."""
     if model not in self._fns:
       items = self.items
-      self._fns[model] = jax.jit(lambda p, b, table: probabilities(
-          model.apply({"params": p}, b, items, fm_table=table)))
+      self._fns[model] = (
+          jax.jit(lambda p, ev: model.apply({"params": p}, ev, method="encode_events")),
+          jax.jit(lambda p, b, kv, table: probabilities(model.apply(
+              {"params": p}, b, kv, items, table, method="score"))))
     return self._fns[model]
 
   def compilations(self) -> int:
-    return sum(f._cache_size() for f in self._fns.values())  # pylint: disable=protected-access
+    return sum(f._cache_size() for fs in self._fns.values() for f in fs)  # pylint: disable=protected-access
 
   def warm(self, fm: FMVersion, experts: dict[str, ExpertVersion]) -> None:
-    d = fm.table.shape[1]
-    for ev in experts.values():
-      for n in self.row_buckets:
-        rows = {k: np.asarray(v) for k, v in dummy_rows(n, ev.short_len, d).items()}
-        rows["content"] = np.zeros((n, self.items["content"].shape[1]), np.float32)
-        jax.block_until_ready(self._fn(ev.model)(ev.params, rows,
-                                                 fm.table if ev.uses_table else None))
+    empty = {f: np.zeros(0, np.int64) for f in ("ids", "actions", "timestamps")}
+    d, c = fm.table.shape[1], self.items["content"].shape[1]
+    for name, ev in experts.items():
+      for b in self.batch_buckets:
+        req = ExpertRequest(name, empty, 0, np.ones(1, np.int32), np.zeros((1, c), np.float32),
+                            np.zeros((1, d), np.float32), np.zeros(d, np.float32))
+        self._score(fm, ev, [req] * b)
 
   def run(self, fm: FMVersion, experts: dict[str, ExpertVersion],
           requests: list[ExpertRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -80,41 +87,39 @@ class ExpertTier:
     by_surface: dict[str, list[int]] = {}
     for i, r in enumerate(requests):
       by_surface.setdefault(r.surface, []).append(i)
-    big = self.row_buckets[-1]
+    big = self.batch_buckets[-1]
     for surface, members in by_surface.items():
-      ev = experts[surface]
-      chunk, rows = [], 0
-      for i in members + [None]:  # requests in chunks of at most the largest bucket's rows
-        m = 0 if i is None else len(requests[i].cand_ids)
-        if chunk and (i is None or rows + m > big):
-          probs = self._score(fm, ev, [requests[j] for j in chunk])
-          for j, p in zip(chunk, probs):
-            out[j] = (p, p @ self.weights[surface])
-          chunk, rows = [], 0
-        if i is not None:
-          chunk, rows = chunk + [i], rows + m
+      for start in range(0, len(members), big):
+        chunk = members[start:start + big]
+        for j, p in zip(chunk, self._score(fm, experts[surface], [requests[j] for j in chunk])):
+          out[j] = (p, p @ self.weights[surface])
     return out
 
   def _score(self, fm, ev: ExpertVersion, reqs: list[ExpertRequest]) -> list[np.ndarray]:
-    sizes = [len(r.cand_ids) for r in reqs]
-    n = sum(sizes)
-    b = next(s for s in self.row_buckets if s >= n)
-    t = ev.short_len
-    rows = {"ids": np.zeros((b, t), np.int32), "actions": np.zeros((b, t), np.int32),
-            "timestamps": np.zeros((b, t), np.int32), "lengths": np.zeros(b, np.int32),
-            "cand": np.zeros(b, np.int32), "request_time": np.zeros(b, np.int32),
-            "tae": np.zeros((b, fm.table.shape[1]), np.float32),
-            "ue": np.zeros((b, fm.table.shape[1]), np.float32),
-            "content": np.zeros((b, self.items["content"].shape[1]), np.float32)}
-    at = 0
-    for r, m in zip(reqs, sizes):
+    encode, score = self._compiled(ev.model)
+    b, t, mb = bucket(len(reqs), self.batch_buckets), ev.short_len, self.micro_batch
+    d, c = fm.table.shape[1], self.items["content"].shape[1]
+    events = {"ids": np.zeros((b, t), np.int32), "actions": np.zeros((b, t), np.int32),
+              "timestamps": np.zeros((b, t), np.int32), "lengths": np.zeros(b, np.int32),
+              "request_time": np.zeros(b, np.int32)}
+    for i, r in enumerate(reqs):
       k = min(len(r.short["ids"]), t)
-      sl = slice(at, at + m)
       for f in ("ids", "actions", "timestamps"):
-        rows[f][sl, :k] = np.asarray(r.short[f])[len(r.short[f]) - k:]
-      rows["lengths"][sl], rows["request_time"][sl] = k, r.request_time
-      rows["cand"][sl], rows["tae"][sl], rows["ue"][sl] = r.cand_ids, r.tae, r.ue
-      rows["content"][sl] = r.content
-      at += m
-    probs = np.asarray(self._fn(ev.model)(ev.params, rows, fm.table if ev.uses_table else None))
-    return np.split(probs[:n], np.cumsum(sizes)[:-1])
+        events[f][i, :k] = np.asarray(r.short[f])[len(r.short[f]) - k:]
+      events["lengths"][i], events["request_time"][i] = k, r.request_time
+    kv = encode(ev.params, events)
+    ue = np.zeros((b, d), np.float32)
+    ue[:len(reqs)] = [r.ue for r in reqs]
+    table = fm.table if ev.uses_table else None
+    probs = []
+    for part in range(max(math.ceil(len(r.cand_ids) / mb) for r in reqs)):
+      cand = {**events, "cand": np.zeros((b, mb), np.int32), "tae": np.zeros((b, mb, d), np.float32),
+              "ue": ue, "content": np.zeros((b, mb, c), np.float32)}
+      for i, r in enumerate(reqs):
+        sl = slice(part * mb, (part + 1) * mb)
+        m = len(r.cand_ids[sl])
+        cand["cand"][i, :m], cand["tae"][i, :m], cand["content"][i, :m] = (
+            r.cand_ids[sl], r.tae[sl], r.content[sl])
+      probs.append(np.asarray(score(ev.params, cand, kv, table)))
+    probs = np.concatenate(probs, 1)
+    return [probs[i, :len(r.cand_ids)] for i, r in enumerate(reqs)]

@@ -73,9 +73,6 @@ def resolve_limits(s, fm_config) -> ml_collections.ConfigDict:
   if max(s.history_buckets) < s.max_history:
     raise ConfigError(f"--config.serve.history_buckets={tuple(s.history_buckets)}: the largest "
                       f"must hold serve.max_history={s.max_history}")
-  if max(s.expert_row_buckets) < s.max_candidates:
-    raise ConfigError(f"--config.serve.expert_row_buckets: the largest must hold "
-                      f"serve.max_candidates={s.max_candidates}")
   if max(s.batch_buckets) > s.max_batch:
     raise ConfigError(f"--config.serve.batch_buckets={tuple(s.batch_buckets)}: none may exceed "
                       f"serve.max_batch={s.max_batch}")
@@ -101,8 +98,8 @@ def build(c: ml_collections.ConfigDict):
                    micro_batch=s.micro_batch, append_buckets=s.append_buckets,
                    cache_bytes=s.cache_bytes)
   vocab = next(iter(first.experts.values())).model.vocab_size
-  expert_tier = ExpertTier(item_table(data, vocab), data.spec, s.expert_row_buckets,
-                           dict(s.value_weights))
+  expert_tier = ExpertTier(item_table(data, vocab), data.spec, batch_buckets=s.batch_buckets,
+                           micro_batch=s.micro_batch, weights=dict(s.value_weights))
   service = Service(c, data, registry, fm_tier, expert_tier)
 
   def on_new(served: Served) -> None:  # runs in the reload thread, before the swap

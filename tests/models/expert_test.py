@@ -46,3 +46,24 @@ def test_expert_alone_ignores_fm_inputs():
   other = model.apply({"params": params}, {**batch, "tae": batch["tae"] * 0, "ue": batch["ue"] * 0}, items)
   np.testing.assert_array_equal(base, other)
   assert base.shape == (3, 3) and np.all(np.isfinite(base))
+
+
+@pytest.mark.parametrize("carrier", ["tae", "tae+ue", "none"])
+def test_scoring_candidates_against_the_events_cache_equals_one_row_each(carrier):
+  """Serving's M-FALCON path: the events encoded once, candidates scored against the cache,
+  give what `__call__` gives each (events, candidate) row (lengths 5, 2 and 0 included)."""
+  model, params, batch, items = _setup(carrier)
+  rng = np.random.default_rng(1)
+  m = 4
+  cands = jnp.asarray(rng.integers(1, 30, (3, m)), jnp.int32)
+  taes = jnp.asarray(rng.normal(size=(3, m, 12)), jnp.float32)
+  content = jnp.asarray(rng.normal(size=(3, m, 8)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(32, 12)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(1), batch, items, fm_table=table)["params"]
+  cache = model.apply({"params": params}, batch, method="encode_events")
+  got = model.apply({"params": params}, {**batch, "cand": cands, "tae": taes, "content": content},
+                    cache, items, table, method="score")
+  for j in range(m):
+    row = {**batch, "cand": cands[:, j], "tae": taes[:, j], "content": content[:, j]}
+    want = model.apply({"params": params}, row, items, fm_table=table)
+    np.testing.assert_allclose(got[:, j], want, atol=1e-5)

@@ -23,7 +23,7 @@ def serve(workdir, hypercast, env, *extra):
        f"--workdir={workdir}", f"--config.serve.hypercast={hypercast}", "--config.serve.port=0",
        "--config.input.synthetic.num_users=300", "--config.serve.host=0.0.0.0",
        "--config.serve.batch_buckets=(1,)", "--config.serve.history_buckets=(50,)",
-       "--config.serve.expert_row_buckets=(256,)", *extra],
+       *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

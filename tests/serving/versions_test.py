@@ -53,7 +53,8 @@ def test_fm_and_per_surface_expert_workdirs(tmp_path):
   assert registry.refresh() and registry.current.experts["s1"].version == 200
   assert registry.current.experts["s0"] is served.experts["s0"]  # the others stay as they were
 
-  tier = ExpertTier(ex_items, data.spec, (64,), {"click": 1.0})
+  tier = ExpertTier(ex_items, data.spec, batch_buckets=(1,), micro_batch=4,
+                    weights={"click": 1.0})
   body = rank_body(data, n_hist=6, n_cand=5)
   cands = np.array([c["item"] for c in body["candidates"]], np.int32)
   req = ExpertRequest("s1", {f: np.zeros(0, np.int32) for f in ("ids", "actions", "timestamps")},
