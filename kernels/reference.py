@@ -48,13 +48,19 @@ def hstu_attention_reference(
 ) -> jax.Array:
   """`out[b,i,h] = sum_j mask[b,i,j] * silu(alpha * q_i.k_j + bias[b,i,j]) / scale_len * v_j`."""
   _, n, _, _ = q.shape
-  scale_len = n if scale_len is None else scale_len
+  mask = valid_attn_mask(n, lengths, num_targets, contextual_len, max_attn_len, causal)
+  return masked_attention(q, k, v, mask, bias=bias, alpha=alpha,
+                          scale_len=n if scale_len is None else scale_len)
+
+
+def masked_attention(q, k, v, mask, *, bias=None, alpha: float = 1.0, scale_len: int) -> jax.Array:
+  """HSTU attention of queries `[B, R, H, dqk]` over keys and values `[B, N, H, d]` under an
+  explicit `[B, R, N]` mask (and bias `[B, R, N]` or `[B, H, R, N]`)."""
   acc = jnp.promote_types(q.dtype, jnp.float32)
   logits = jnp.einsum("bihd,bjhd->bhij", q, k, preferred_element_type=acc) * alpha
   if bias is not None:
     bias = bias.astype(acc)
     logits = logits + (bias[:, None] if bias.ndim == 3 else bias)
-  mask = valid_attn_mask(n, lengths, num_targets, contextual_len, max_attn_len, causal)
   weights = jnp.where(mask[:, None], jax.nn.silu(logits) / scale_len, 0.0)
   out = jnp.einsum("bhij,bjhd->bihd", weights.astype(v.dtype), v, preferred_element_type=acc)
   return out.astype(v.dtype)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import hstu_attention, hstu_cached_attention, masks
+from kernels.reference import masked_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,19 +139,9 @@ class HSTULayer(nn.Module):
     b = jnp.arange(rows.shape[0])[:, None]
     k = k_cache.at[b, rows].set(k, mode="drop")
     v = v_cache.at[b, rows].set(v, mode="drop")
-    attn = _masked_attention(q, k, v, mask, self.bias(buckets, rel), alpha=self.config.alpha,
-                             scale_len=self.scale_len)
+    attn = masked_attention(q, k, v, mask, bias=self.bias(buckets, rel), alpha=self.config.alpha,
+                            scale_len=self.scale_len)
     return self.combine(x_rows, u, attn, train=False), (k, v)
-
-
-def _masked_attention(q, k, v, mask, bias, *, alpha, scale_len):
-  """Dense HSTU attention (the formula of `kernels.reference.hstu_attention_reference`) of
-  queries `[B, R, H, dqk]` over keys/values `[B, N, H, d]` with a `[B, R, N]` mask and bias."""
-  logits = jnp.einsum("bihd,bjhd->bhij", q, k) * alpha
-  if bias is not None:
-    logits = logits + bias[:, None]
-  w = jnp.where(mask[:, None], jax.nn.silu(logits) / scale_len, 0.0)
-  return jnp.einsum("bhij,bjhd->bihd", w, v)
 
 
 def _ln(x):
