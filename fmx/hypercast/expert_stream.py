@@ -36,8 +36,7 @@ from fmx.data.items import item_table
 from fmx.hypercast import progressive, snapshots
 from fmx.hypercast.store_source import StoreSource, TableLoader
 from fmx.models.embeddings import padded_vocab
-from fmx.models.expert import Expert
-from fmx.models.hstu import HSTUConfig
+from fmx.models.expert import example_batch, from_config
 from fmx.runtime import checkpoint
 from fmx.train import losses, metrics, reporting
 from fmx.train.loop import require_finite, train_loop
@@ -55,15 +54,10 @@ def build_models(c, data, follow, fm_dim: int, fm_vocab: int):
   spec = data.spec
   vocab = padded_vocab(data.num_items, c.mesh.model)
   items = item_table(data, vocab)
-  hstu = HSTUConfig.from_model_config(c.model, max_len=c.input.short_len + 1)
-  models = {name: {k: Expert(hstu, vocab, int(spec.valid[s].sum()),
-                             "none" if k == "alone" else c.model.carrier)
+  models = {name: {k: from_config(c, vocab, int(spec.valid[s].sum()),
+                                  "none" if k == "alone" else None)
                    for k in slots(follow)} for s, name in enumerate(spec.surfaces)}
-  B, T = 2, c.input.short_len
-  dummy = {"ids": jnp.zeros((B, T), jnp.int32), "actions": jnp.zeros((B, T), jnp.int32),
-           "timestamps": jnp.zeros((B, T), jnp.int32), "lengths": jnp.zeros((B,), jnp.int32),
-           "cand": jnp.ones((B,), jnp.int32), "request_time": jnp.zeros((B,), jnp.int32),
-           "tae": jnp.zeros((B, fm_dim)), "ue": jnp.zeros((B, fm_dim))}
+  dummy = example_batch(2, c.input.short_len, fm_dim)
   table = jnp.zeros((fm_vocab, fm_dim))
 
   def init_params(rng):

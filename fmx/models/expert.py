@@ -32,6 +32,21 @@ class FMEmbedding(nn.Module):
     return nn.Dense(self.dim)(nn.Dropout(self.dropout, deterministic=not train)(x))
 
 
+def example_batch(n: int, short_len: int, fm_dim: int) -> dict:
+  """`n` rows of zeros in the shapes `Expert.__call__` takes (to initialise parameters)."""
+  z = lambda *s: jnp.zeros(s, jnp.int32)
+  return {"ids": z(n, short_len), "actions": z(n, short_len), "timestamps": z(n, short_len),
+          "lengths": z(n), "cand": jnp.ones((n,), jnp.int32), "request_time": z(n),
+          "tae": jnp.zeros((n, fm_dim)), "ue": jnp.zeros((n, fm_dim))}
+
+
+def from_config(c, vocab: int, num_tasks: int, carrier: str | None = None) -> "Expert":
+  """The expert of an expert config `c` (its `model` section and `input.short_len`); `carrier`
+  defaults to `c.model.carrier`."""
+  hstu = HSTUConfig.from_model_config(c.model, max_len=c.input.short_len + 1)
+  return Expert(hstu, vocab, num_tasks, c.model.carrier if carrier is None else carrier)
+
+
 class Expert(nn.Module):
   """`__call__(batch, items) -> logits [B, num_tasks]`.
 

@@ -74,6 +74,13 @@ def warn(message: str) -> None:
   print(f"fmx: warning: {message}", file=sys.stderr)
 
 
+def on_one_device(shapes):
+  """The abstract tree (ShapeDtypeStructs on the first device) to restore `shapes` into, for
+  readers of parameters that need no mesh (serving, the logging tier)."""
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), shapes)
+
+
 class Checkpointer:
   """Saves asynchronously into `directory` (keeping `max_to_keep` steps; None keeps all) and
   restores the newest intact step. `read_only` never writes or moves anything (for readers of

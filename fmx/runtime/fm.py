@@ -101,10 +101,8 @@ def restore(fm_workdir: str, *, step: int | None = None,
     data = (load_data or (lambda cfg: data_load.load(cfg.input, "surfaces")))(c)
     model, items = build(c, data)
     built.update(config=c, model=model, items=items, data=data)
-    shape = jax.eval_shape(lambda: init_params(c, model, items, jax.random.PRNGKey(0)))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                  sharding=dev), shape)}
+    return {"params": checkpoint.on_one_device(
+        jax.eval_shape(lambda: init_params(c, model, items, jax.random.PRNGKey(0))))}
 
   s, items, _ = ckpt.restore(abstract, step=step)
   ckpt.close()

@@ -23,8 +23,8 @@ import numpy as np
 
 from fmx.hypercast import expert_stream, snapshots
 from fmx.models.embeddings import padded_vocab
-from fmx.models.expert import Expert
-from fmx.models.hstu import HSTUConfig
+from fmx.data.items import item_table
+from fmx.models.expert import Expert, example_batch, from_config
 from fmx.runtime import checkpoint, fm as fm_runtime
 
 
@@ -110,10 +110,7 @@ def _restore_params(directory: str, step: int | None, abstract_of: Callable):
 
   def abstract(s, meta):
     seen["config"] = ml_collections.ConfigDict(meta.get("config", {}))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda: abstract_of(seen["config"]))
-    return {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                                   shapes)}
+    return {"params": checkpoint.on_one_device(jax.eval_shape(lambda: abstract_of(seen["config"])))}
   try:
     restored = ckpt.restore(abstract, step=step)
   finally:
@@ -177,28 +174,14 @@ class ExpertSource:
 
     def abstract_of(c):
       vocab = padded_vocab(self.data.num_items, c.mesh.model)
-      model = Expert(HSTUConfig.from_model_config(c.model, max_len=c.input.short_len + 1), vocab,
-                     int(spec.valid[k].sum()), c.model.carrier)
+      model = from_config(c, vocab, int(spec.valid[k].sum()))
       built["model"] = model
-      return model.init(jax.random.PRNGKey(0), dummy_rows(1, c.input.short_len, fm_dim),
-                        _items_like(vocab, self.data))["params"]
+      return model.init(jax.random.PRNGKey(0), example_batch(1, c.input.short_len, fm_dim),
+                        item_table(self.data, vocab))["params"]
 
     s, params, c = _restore_params(os.path.join(self.path, surface, "checkpoints"), step,
                                    abstract_of)
     return ExpertVersion(s, built["model"], _device_tree(params), int(c.input.short_len), False)
-
-
-def _items_like(vocab: int, data) -> dict:
-  return {"genres": jnp.zeros((vocab, data.item_genres.shape[1]), bool),
-          "content": jnp.zeros((vocab, data.item_content.shape[1]), jnp.float32)}
-
-
-def dummy_rows(n: int, short_len: int, fm_dim: int) -> dict:
-  """`n` expert input rows of zeros (the shapes the expert tier feeds)."""
-  z = lambda *s: jnp.zeros(s, jnp.int32)
-  return {"ids": z(n, short_len), "actions": z(n, short_len), "timestamps": z(n, short_len),
-          "lengths": z(n), "cand": jnp.ones((n,), jnp.int32), "request_time": z(n),
-          "tae": jnp.zeros((n, fm_dim)), "ue": jnp.zeros((n, fm_dim))}
 
 
 class Registry:

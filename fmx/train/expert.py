@@ -27,9 +27,8 @@ from fmx.data import expert_examples, load as data_load, tae_store
 from fmx.data.items import item_table
 from fmx.data.source import EpochSource
 from fmx.models.embeddings import padded_vocab
-from fmx.models.expert import Expert
+from fmx.models import expert as expert_model
 from fmx.models.foundation import probabilities
-from fmx.models.hstu import HSTUConfig
 from fmx.train import losses, metrics, reporting
 from fmx.train.loop import require_finite, train_loop
 from fmx.train.state import gradient_step, init_state, make_optimizer
@@ -63,8 +62,7 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
   """Trains the expert of `surface` and returns its metrics at the selected epoch."""
   spec = data.spec
   tasks = np.flatnonzero(spec.valid[surface])
-  model = Expert(HSTUConfig.from_model_config(c.model, max_len=c.input.short_len + 1), vocab,
-                 len(tasks), c.model.carrier)
+  model = expert_model.from_config(c, vocab, len(tasks))
   tx = make_optimizer(c.optimizer)
   weights = jnp.asarray(spec.weights[tasks], jnp.float32)
   kd_mask = jnp.asarray(spec.fm_tasks[tasks])

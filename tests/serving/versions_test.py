@@ -9,11 +9,10 @@ from fmx.configs import synthetic_expert, synthetic_fm
 from fmx.data import load as data_load
 from fmx.data.items import item_table
 from fmx.models.embeddings import padded_vocab
-from fmx.models.expert import Expert
-from fmx.models.hstu import HSTUConfig
+from fmx.models.expert import example_batch, from_config
 from fmx.runtime import checkpoint, fm as fm_runtime
 from fmx.serving.expert_tier import ExpertRequest, ExpertTier
-from fmx.serving.versions import ExpertSource, FMSource, Registry, dummy_rows
+from fmx.serving.versions import ExpertSource, FMSource, Registry
 
 
 def save(directory, step, params, config):
@@ -33,9 +32,8 @@ def test_fm_and_per_surface_expert_workdirs(tmp_path):
   ex_items = item_table(data, vocab)
   experts = {}
   for k, name in enumerate(data.spec.surfaces):
-    ex = Expert(HSTUConfig.from_model_config(ex_c.model, max_len=ex_c.input.short_len + 1), vocab,
-                int(data.spec.valid[k].sum()), ex_c.model.carrier)
-    experts[name] = ex.init(jax.random.PRNGKey(k), dummy_rows(1, ex_c.input.short_len, d_fm),
+    ex = from_config(ex_c, vocab, int(data.spec.valid[k].sum()))
+    experts[name] = ex.init(jax.random.PRNGKey(k), example_batch(1, ex_c.input.short_len, d_fm),
                             ex_items)["params"]
     save(tmp_path / "experts" / name / "checkpoints", 100 + k, experts[name], ex_c)
 
