@@ -61,7 +61,7 @@ class Service:
 
   def __init__(self, c, data, registry: Registry, fm_tier: FMTier, expert_tier: ExpertTier):
     s = c.serve
-    self.c, self.s, self.data, self.spec = c, s, data, data.spec
+    self.s, self.data, self.spec = s, data, data.spec
     self.registry, self.fm_tier, self.expert_tier = registry, fm_tier, expert_tier
     self.metrics = Metrics()
     self.ready = False

@@ -123,21 +123,22 @@ class FMTier:
       for j, i in enumerate(idx):
         n = len(reqs[i].events["ids"])
         encoded[i] = ([(k[j], v[j]) for k, v in kv], outputs[j, n - 1])
-    for r, (kv, ue) in zip(reqs, encoded):
-      self.cache.put(r.user, Entry(fm_version, {f: np.asarray(r.events[f]) for f in FIELDS},
-                                   r.request_time, kv, ue))
+    for r, (kv, ue), kind in zip(reqs, encoded, kinds):
+      if kind != "hit":  # a hit's entry is already the newest (get moved it)
+        self.cache.put(r.user, Entry(fm_version, {f: np.asarray(r.events[f]) for f in FIELDS},
+                                     r.request_time, kv, ue))
     taes, probs = self._score(params, hists, [e[0] for e in encoded], reqs)
     return [FMResult(t, p, e[1], k) for t, p, e, k in zip(taes, probs, encoded, kinds)]
 
   def _reuse(self, params, entry: Entry, r: FMRequest, hist: dict, h: int):
     """(kind, (kv, ue)) from a cached entry, or None if it cannot serve this request."""
     n, n_old = len(r.events["ids"]), len(entry.events["ids"])
-    kv = [(_fit(k, h), _fit(v, h)) for k, v in entry.kv]
     p = common_prefix(entry, r.events)
-    if p == n == n_old and entry.request_time == r.request_time:
-      return "hit", (kv, entry.ue)
     if p == 0:
       return None
+    kv = [(_fit(k, h), _fit(v, h)) for k, v in entry.kv]
+    if p == n == n_old and entry.request_time == r.request_time:
+      return "hit", (kv, entry.ue)
     start = p - 1  # the row before the first new event has a new query time
     if entry.request_time != r.request_time:  # history ages are relative to the request
       old = self._ages(np.int64(entry.request_time), hist["timestamps"][0])
@@ -160,9 +161,8 @@ class FMTier:
   def _score(self, params, hists, kvs, reqs):
     b = bucket(len(reqs), self.batch_buckets)
     hist = self._stack(hists)
-    kv = [(np.stack([x[l][0] for x in kvs] + [kvs[0][l][0]] * (b - len(kvs))),
-           np.stack([x[l][1] for x in kvs] + [kvs[0][l][1]] * (b - len(kvs))))
-          for l in range(len(kvs[0]))]
+    rows = kvs + [kvs[0]] * (b - len(kvs))  # padded as _stack pads the histories
+    kv = [tuple(np.stack([x[l][i] for x in rows]) for i in (0, 1)) for l in range(len(kvs[0]))]
     mb = self.micro_batch
     chunks = max(math.ceil(len(r.cand_ids) / mb) for r in reqs)
     taes, probs = [], []
