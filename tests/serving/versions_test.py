@@ -1,5 +1,6 @@
 """Serving from training workdirs: an FM workdir (job=fm, its steps are versions) and an expert
-workdir (job=expert), where each surface's expert is at its own version."""
+workdir (job=expert), where each surface's expert is at its own version; a damaged new version
+is skipped while the old one keeps serving."""
 
 import jax
 import numpy as np
@@ -21,7 +22,16 @@ def save(directory, step, params, config):
   ckpt.close()
 
 
-def test_fm_and_per_surface_expert_workdirs(tmp_path):
+def damage(step_dir):
+  """Flips a byte in the largest array file of a checkpoint step's parameters."""
+  target = max((f for f in step_dir.rglob("*") if f.is_file() and "/d/" in str(f)),
+               key=lambda f: f.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  target.write_bytes(bytes(data))
+
+
+def test_fm_and_per_surface_expert_workdirs(tmp_path, capsys):
   fm_c, ex_c = synthetic_fm.get_config("runlocal"), synthetic_expert.get_config("runlocal")
   data = data_load.load(fm_c.input, "surfaces")
   model, items = fm_runtime.build(fm_c, data)
@@ -50,6 +60,14 @@ def test_fm_and_per_surface_expert_workdirs(tmp_path):
   save(tmp_path / "experts" / "s1" / "checkpoints", 200, experts["s1"], ex_c)
   assert registry.refresh() and registry.current.experts["s1"].version == 200
   assert registry.current.experts["s0"] is served.experts["s0"]  # the others stay as they were
+
+  save(tmp_path / "experts" / "s1" / "checkpoints", 300, experts["s1"], ex_c)
+  damage(tmp_path / "experts" / "s1" / "checkpoints" / "300")
+  assert not registry.refresh()  # a damaged new version is skipped; the old one keeps serving
+  assert registry.current.experts["s1"].version == 200
+  assert "not serving" in capsys.readouterr().err
+  save(tmp_path / "experts" / "s1" / "checkpoints", 400, experts["s1"], ex_c)
+  assert registry.refresh() and registry.current.experts["s1"].version == 400
 
   tier = ExpertTier(ex_items, data.spec, batch_buckets=(1,), micro_batch=4,
                     weights={"click": 1.0})
