@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import socket
 import time
 
 import ml_collections
@@ -60,6 +61,18 @@ def bearer_token(s) -> str | None:
   return token
 
 
+def check_bind(s) -> None:
+  """Fails before anything loads if `serve.host:serve.port` cannot be bound (a port in use)."""
+  if not s.port:
+    return
+  with socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET) as probe:
+    try:
+      probe.bind((s.host, s.port))
+    except OSError as e:
+      raise ConfigError(f"--config.serve.port={s.port}: cannot bind {s.host}:{s.port} "
+                        f"({e.strerror}); pick a free port, or 0 for any") from None
+
+
 def resolve_limits(s, fm_config) -> ml_collections.ConfigDict:
   """`s` with `max_history` and `history_buckets` resolved against the FM, checked."""
   s = ml_collections.ConfigDict(s.to_dict())
@@ -83,6 +96,7 @@ def build(c: ml_collections.ConfigDict):
   """(service, token, warm): the loaded versions and the tiers, not yet compiled."""
   s = c.serve
   token = bearer_token(s)
+  check_bind(s)
   fm_path, experts_path = sources(s)
   data = data_load.load(c.input, "surfaces")
   fm_source = FMSource(fm_path, data)

@@ -1,11 +1,12 @@
 """`python -m fmx.main --config=fmx/configs/serve_ml1m.py` end to end: off loopback it refuses
-to start without a bearer token (one line, exit 2); with one it serves, answers 401 without
+to start without a bearer token, and on a port in use (one line, exit 2); with one it serves, answers 401 without
 the token, and stops cleanly on SIGTERM, writing results.json."""
 
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,19 @@ def test_refuses_a_public_bind_without_a_token(tmp_path, served_workdir):
   assert p.returncode == 2, err[-2000:]
   lines = [l for l in err.splitlines() if l.startswith("fmx: error")]
   assert len(lines) == 1 and "not loopback" in lines[0] and "token" in lines[0], err[-2000:]
+
+
+def test_refuses_a_port_in_use(tmp_path, served_workdir):
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    p = serve(tmp_path, served_workdir[0], dict(os.environ), "--config.serve.host=127.0.0.1",
+              f"--config.serve.port={port}")
+    _, err = p.communicate(timeout=300)
+  assert p.returncode == 2, err[-2000:]
+  lines = [l for l in err.splitlines() if l.startswith("fmx: error")]
+  assert len(lines) == 1 and "in use" in lines[0] and "port" in lines[0], err[-2000:]
 
 
 def test_serve_command_with_a_token(tmp_path, served_workdir):
