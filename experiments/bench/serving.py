@@ -5,9 +5,9 @@ share of serving compute, and the service's peak memory.
   python experiments/bench/serving.py [--requests=200] [--workdir=DIR] [--out[=FILE]]
   python experiments/bench/serving.py --dataset=synthetic --requests=20   # smoke run, ~1 min
 
-The servable HyperCast-style workdir (FM v1 published with `Snapshots.publish`, an expert_stream
-checkpoint, follow=("newest",)) holds INITIALISED, NOT TRAINED weights: latency does not depend on
-them. ML-1M: the FM of stream_fm.py:ml-1m (H=200; HyperCast's own is its runlocal variant, H=50)
+The servable HyperCast-style workdir (`fmx.serving.initialised`: FM v1 published as a snapshot,
+an expert_stream checkpoint, follow=("newest",)) holds INITIALISED, NOT TRAINED weights: latency
+does not depend on them. ML-1M: the FM of stream_fm.py:ml-1m (H=200; HyperCast's own is its runlocal variant, H=50)
 and the experts of hypercast_ml1m.py; synthetic: both of hypercast_ml1m.py:synthetic (H=50).
 The service is a subprocess (python -m fmx.main --config=fmx/configs/serve_ml1m.py): no shared
 GIL, but client and service share the cores. Requests: a real user's last --history events
@@ -38,15 +38,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fmx.configs import hypercast_ml1m, serve_ml1m, stream_fm
 from fmx.data import load as data_load
-from fmx.hypercast import expert_stream
-from fmx.hypercast.snapshots import Snapshots
 from fmx.models.foundation import probabilities
-from fmx.runtime import checkpoint, fm as fm_runtime
+from fmx.runtime import fm as fm_runtime
 from fmx.runtime.mfalcon import history_inputs
+from fmx.serving import initialised
 from fmx.serving.fm_tier import FMRequest, FMTier
 from fmx.serving.versions import FMSource
-from fmx.train.loop import checkpoint_items
-from fmx.train.state import init_state, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BATCHING_CONCURRENCY = 16  # the load of the dynamic batching comparison
@@ -72,17 +69,9 @@ def build_workdir(w: str, c, data) -> str:
   """FM v1 as a published snapshot and the experts' checkpoint (step 1), initialised weights."""
   if os.path.exists(f"{w}/snapshots/manifest.json") and os.path.isdir(f"{w}/experts/checkpoints"):
     return "reused"
-  plain = lambda cfg: json.loads(json.dumps(cfg.to_dict()))
-  model, items = fm_runtime.build(c.fm, data)
-  params = fm_runtime.init_params(c.fm, model, items, jax.random.PRNGKey(0))
-  Snapshots(f"{w}/snapshots").publish(1, params, {"config": plain(c.fm), "fm_step": 0,
-                                                  "dataset": data.name}, full=True)
+  params = initialised.publish_fm(w, data, c.fm, 1, seed=0)
   vocab, dim = params["item"]["embedding"].shape
-  _, _, init = expert_stream.build_models(c.experts, data, ("newest",), dim, vocab)
-  state = init_state(init(jax.random.PRNGKey(1)), make_optimizer(c.experts.optimizer))
-  ckpt = checkpoint.Checkpointer(f"{w}/experts/checkpoints", max_to_keep=None)
-  ckpt.save(1, checkpoint_items(state), {"config": plain(c.experts), "position": {}})
-  ckpt.close()
+  initialised.save_experts(w, data, c.experts, 1, seed=1, fm_dim=dim, fm_vocab=vocab)
   return "built"
 
 

@@ -1,4 +1,4 @@
-"""The session's servable workdir (see servable.py)."""
+"""The session's servable workdir (fmx.serving.initialised), and servable.py on the path."""
 
 import pathlib
 import sys
@@ -6,8 +6,11 @@ import sys
 import numpy as np
 import pytest
 
+from fmx.configs import hypercast_ml1m
+from fmx.data import load as data_load
+from fmx.serving.initialised import publish_fm, save_experts
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the tests import servable
-from servable import data_load, hypercast_ml1m, publish_fm, save_experts  # pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="session")

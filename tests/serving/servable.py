@@ -1,42 +1,10 @@
-"""Helpers of the serving tests. A tiny servable HyperCast workdir on the synthetic surfaces: FM version 1 published as a
-snapshot and the streaming experts' checkpoint, as the pipeline writes them (freshly initialised
-weights: serving needs their shapes and versions, not their quality)."""
+"""Helpers of the serving tests: the service on loopback in a thread, request bodies from the
+synthetic data, and a servable workdir (`fmx.serving.initialised`)."""
 
-import json
-
-import jax
 import ml_collections
 import numpy as np
 
 from fmx.configs import hypercast_ml1m
-from fmx.data import load as data_load
-from fmx.hypercast import expert_stream
-from fmx.hypercast.snapshots import Snapshots
-from fmx.runtime import checkpoint, fm as fm_runtime
-from fmx.train.loop import checkpoint_items
-from fmx.train.state import init_state, make_optimizer
-
-
-def plain(c) -> dict:
-  return json.loads(json.dumps(c.to_dict()))
-
-
-def publish_fm(root, data, c, version: int, seed: int):
-  model, items = fm_runtime.build(c, data)
-  params = fm_runtime.init_params(c, model, items, jax.random.PRNGKey(seed))
-  Snapshots(str(root / "snapshots")).publish(version, params, {"config": plain(c), "fm_step": 0,
-                                                                "dataset": data.name}, full=True)
-  return params
-
-
-def save_experts(root, data, c, step: int, seed: int, fm_dim: int, fm_vocab: int):
-  follow = tuple(c.stream.follow)
-  _, _, init = expert_stream.build_models(c, data, follow, fm_dim, fm_vocab)
-  state = init_state(init(jax.random.PRNGKey(seed)), make_optimizer(c.optimizer))
-  ckpt = checkpoint.Checkpointer(str(root / "experts" / "checkpoints"), max_to_keep=None)
-  ckpt.save(step, checkpoint_items(state), {"config": plain(c), "position": {}})
-  ckpt.close()
-  return state.params
 
 
 def serve_config(root, **overrides) -> ml_collections.ConfigDict:

@@ -15,11 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from servable import Running, publish_fm, rank_body, save_experts, serve_config
+from servable import Running, rank_body, serve_config
 from fmx.data.items import item_table
 from fmx.models.foundation import probabilities
 from fmx.runtime.mfalcon import MFalcon, history_inputs
 from fmx.runtime import fm as fm_runtime
+from fmx.serving.initialised import publish_fm, save_experts
 
 
 @pytest.fixture(scope="module")

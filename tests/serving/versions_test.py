@@ -5,7 +5,7 @@ is skipped while the old one keeps serving."""
 import jax
 import numpy as np
 
-from servable import plain, rank_body
+from servable import rank_body
 from fmx.configs import synthetic_expert, synthetic_fm
 from fmx.data import load as data_load
 from fmx.data.items import item_table
@@ -13,6 +13,7 @@ from fmx.models.embeddings import padded_vocab
 from fmx.models.expert import example_batch, from_config
 from fmx.runtime import checkpoint, fm as fm_runtime
 from fmx.serving.expert_tier import ExpertRequest, ExpertTier
+from fmx.serving.initialised import plain
 from fmx.serving.versions import ExpertSource, FMSource, Registry
 
 
