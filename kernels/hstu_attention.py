@@ -1,7 +1,11 @@
 """The public jagged HSTU attention op. Models call only this function.
 
 Implementations:
-  * "xla": the pure-jnp reference (`kernels/reference.py`), differentiated by JAX;
+  * "xla": XLA. Causal attention without a contextual prefix runs `kernels/xla_tiled.py`
+    (tiles above the diagonal skipped, a hand-written backward); every other mask runs the
+    pure-jnp reference;
+  * "reference": always the pure-jnp reference (`kernels/reference.py`), differentiated by JAX
+    (the slow path the others are tested against);
   * "pallas": the Pallas kernel of the current backend (GPU: Triton style, TPU: Mosaic style;
     on CPU the GPU-style kernel in interpret mode), forward and backward via `jax.custom_vjp`;
   * "pallas_gpu" / "pallas_tpu": one style explicitly (interpret mode on CPU);
@@ -17,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import masks, pallas_gpu, pallas_tpu, reference
+from kernels import masks, pallas_gpu, pallas_tpu, reference, xla_tiled
 
-IMPLS = ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "xla", "reference", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +104,7 @@ def resolve_style(impl: str) -> tuple[str, bool] | None:
   backend = jax.default_backend()
   if impl == "auto":
     impl = "pallas" if backend in ("gpu", "tpu") else "xla"
-  if impl == "xla":
+  if impl in ("xla", "reference"):
     return None
   style = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(impl, "tpu" if backend == "tpu" else "gpu")
   return style, backend == "cpu"
@@ -137,7 +141,7 @@ def hstu_attention(
     alpha: multiplier of q.k (the official code uses no 1/sqrt(d)).
     scale_len: the 1/N normaliser; defaults to the padded length N.
     impl: see the module docstring.
-    block: Pallas tile size (default: 64 GPU style, 128 TPU style).
+    block: tile size (default: Pallas 64 GPU style, 128 TPU style; XLA a quarter of N).
 
   Returns:
     `[B, N, H, dv]` in v's dtype (f32 accumulation); padded rows are zero.
@@ -148,6 +152,10 @@ def hstu_attention(
   scale_len = n if scale_len is None else scale_len
   resolved = resolve_style(impl)
   if resolved is None:
+    if impl != "reference" and causal and not contextual_len and (bias is None or bias.ndim == 3):
+      return xla_tiled.tiled_attention(q, k, v, lengths, bias=bias, num_targets=num_targets,
+                                       max_attn_len=max_attn_len, alpha=alpha,
+                                       scale_len=scale_len, block=block)
     return reference.hstu_attention_reference(
         q, k, v, lengths, bias=bias, num_targets=num_targets, contextual_len=contextual_len,
         max_attn_len=max_attn_len, causal=causal, alpha=alpha, scale_len=scale_len)

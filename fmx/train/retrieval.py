@@ -63,10 +63,10 @@ class RetrievalTask:
                              rngs={"dropout": drop_rng})
     neg_ids = jax.random.randint(neg_rng, losses.negative_shape(c.negatives, b, n, c.num_negatives),
                                  1, self.num_items + 1)
-    embed = lambda ids: self.model.apply({"params": params}, ids, method="item_embeddings")
+    table = self.model.apply({"params": params}, method="item_embeddings")  # normalised once
     weights = (jnp.arange(n)[None, :] < batch["lengths"][:, None]).astype(jnp.float32)
-    return losses.sampled_softmax(query, embed(batch["targets"]), embed(neg_ids), batch["targets"],
-                                  neg_ids, weights, c.temperature, self.position_norm), {}
+    return losses.sampled_softmax(query, table, batch["targets"], neg_ids, weights,
+                                  c.temperature, self.position_norm), {}
 
   def train_step(self, state: TrainState, batch, rng):
     return gradient_step(state, self.tx, self.loss, batch, rng)

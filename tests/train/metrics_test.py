@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmx.models.embeddings import l2_normalize
 from fmx.train import losses, metrics
 
 
@@ -37,23 +38,51 @@ def test_ranking_metrics_hand_computed():
 
 def test_sampled_softmax_hand_computed_and_accidental_hits():
   q = jnp.array([[[1.0, 0.0]]])  # [B=1, N=1, d=2]
-  pos = jnp.array([[[0.0, 1.0]]])
-  neg = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # per-batch negatives, ids 7 and 3
-  loss = losses.sampled_softmax(q, pos, neg, jnp.array([[3]]), jnp.array([7, 3]),
-                                jnp.ones((1, 1)), temperature=0.5)
+  table = jnp.zeros((8, 2)).at[3].set(jnp.array([0.0, 1.0])).at[7].set(jnp.array([1.0, 0.0]))
+  # per-batch negatives 7 and 3; the positive is 3
+  loss = losses.sampled_softmax(q, table, jnp.array([[3]]), jnp.array([7, 3]), jnp.ones((1, 1)),
+                                temperature=0.5)
   # logits: positive 0/0.5 = 0; negative id 7: 1/0.5 = 2; negative id 3 is the positive (masked)
   assert float(loss) == pytest.approx(np.log(np.exp(0.0) + np.exp(2.0)), rel=1e-6)
 
 
 def test_sampled_softmax_ignores_zero_weight_positions():
   q = jnp.ones((1, 2, 2)) / np.sqrt(2)
-  pos = jnp.stack([q[0, 0], -q[0, 1]])[None]
-  neg = jnp.zeros((1, 3, 2))
+  table = jnp.zeros((8, 2)).at[1].set(q[0, 0]).at[2].set(-q[0, 1])
   args = (jnp.array([[1, 2]]), jnp.array([[4, 5, 6]]))
-  full = losses.sampled_softmax(q, pos, neg, *args, jnp.array([[1.0, 0.0]]), 1.0)
-  only_first = losses.sampled_softmax(q[:, :1], pos[:, :1], neg, args[0][:, :1], args[1],
-                                      jnp.ones((1, 1)), 1.0)
+  full = losses.sampled_softmax(q, table, *args, jnp.array([[1.0, 0.0]]), 1.0)
+  only_first = losses.sampled_softmax(q[:, :1], table, args[0][:, :1], args[1], jnp.ones((1, 1)),
+                                      1.0)
   assert float(full) == pytest.approx(float(only_first))
+
+
+@pytest.mark.parametrize("sharing", list(losses.NEGATIVE_SHARING))
+def test_sampled_softmax_equals_gathered_vectors(sharing):
+  """Every way of sharing negatives against the plain formula on gathered rows: the loss and
+  its gradients (per-position logits come from `gathered_logits`, chunked, not a gather)."""
+  rng = np.random.default_rng(0)
+  b, n, k, v, d = 3, 300, 5, 40, 8  # 900 rows: several chunks of gathered_logits and a tail
+  q = l2_normalize(jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32))
+  table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+  pos_ids = jnp.asarray(rng.integers(1, v, (b, n)))
+  neg_ids = jnp.asarray(rng.integers(1, v, losses.negative_shape(sharing, b, n, k)))
+  neg_ids = neg_ids.at[..., 0].set(3)  # some accidental hits
+  pos_ids = pos_ids.at[:, ::7].set(3)
+  w = jnp.asarray(rng.random((b, n)) < 0.8, jnp.float32)
+
+  def plain(q, table):
+    t = l2_normalize(table)
+    nid = {3: neg_ids, 2: neg_ids[:, None], 1: neg_ids[None, None]}[neg_ids.ndim]
+    neg = jnp.broadcast_to(t[nid], (b, n, k, d))
+    pos_logit = jnp.sum(q * t[pos_ids], -1) / 0.1
+    neg_logit = jnp.where(nid == pos_ids[..., None], -1e9, jnp.einsum("bnd,bnkd->bnk", q, neg) / 0.1)
+    loss = jax.nn.logsumexp(jnp.concatenate([pos_logit[..., None], neg_logit], -1), -1) - pos_logit
+    return jnp.sum(loss * w) / jnp.sum(w)
+
+  fast = lambda q, table: losses.sampled_softmax(q, l2_normalize(table), pos_ids, neg_ids, w, 0.1)
+  np.testing.assert_allclose(float(fast(q, table)), float(plain(q, table)), rtol=1e-5)
+  for got, want in zip(jax.grad(fast, (0, 1))(q, table), jax.grad(plain, (0, 1))(q, table)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
 def test_normalized_entropy_hand_computed():

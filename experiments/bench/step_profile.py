@@ -1,0 +1,120 @@
+"""Where the time of one HSTU training step goes, piece by piece, on real ML-1M batches.
+
+  python experiments/bench/step_profile.py [--models hstu:base,hstu:large] [--n 200]
+
+Each piece is jitted on its own at the step's shapes (batch 128, padded length `--n`) and timed
+(median of `--reps` calls after a warm call); forward and backward together where it has a
+gradient. `rest` is the gradient computation minus the pieces: the input embeddings, projections, layer
+norms, elementwise work and everything XLA fuses around them. The pieces run in isolation, so
+they need not add up exactly to the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fmx.configs import retrieval as retrieval_configs
+from fmx.data import load as data_load, sequences as seqlib
+from fmx.models import hstu
+from fmx.models.embeddings import l2_normalize, padded_vocab
+from fmx.train import losses, retrieval
+from fmx.train.state import make_optimizer
+from kernels import hstu_attention
+
+
+def median_ms(fn, *args, reps: int) -> float:
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times) * 1e3
+
+
+def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int) -> dict:
+  c = retrieval_configs.get_config("ml-1m", encoder, variant)
+  c.loss.negatives = negatives
+  c.input.sort_chunk, c.input.length_buckets = 0, ()
+  c.input.max_len = c.model.max_len = n
+  ds, _ = seqlib.train_batches(data, c.input.protocol, n, c.input.batch_size, c.seed, 1)
+  batch = ds[0]
+  task = retrieval.RetrievalTask(c, retrieval.build_model(c.model, padded_vocab(data.num_items)),
+                                 make_optimizer(c.optimizer), data.num_items)
+  state = task.init(jax.random.PRNGKey(0))
+  rng = jax.random.PRNGKey(1)
+  hc = task.model.config
+  b, layers = batch["ids"].shape[0], hc.num_layers
+  key = jax.random.split(jax.random.PRNGKey(2), 4)
+  normal = lambda k, *shape: jax.random.normal(k, shape, jnp.float32) * 0.1
+  q, k = (normal(key[i], b, n, hc.num_heads, hc.dqk) for i in range(2))
+  v = normal(key[2], b, n, hc.num_heads, hc.dv)
+  lengths = jnp.asarray(batch["lengths"])
+  out = {}
+  out["step"] = median_ms(task.train_step, state, batch, rng, reps=reps)
+  grads = jax.grad(lambda p, batch: task.loss(p, batch, rng)[0])
+  out["gradients"] = median_ms(grads, state.params, batch, reps=reps)
+  g = grads(state.params, batch)
+  update = lambda g, opt_state, params: optax.apply_updates(
+      params, task.tx.update(g, opt_state, params)[0])
+  out["optimizer"] = median_ms(update, g, state.opt_state, state.params, reps=reps)
+  if encoder == "hstu":
+    out["time buckets"] = median_ms(
+        lambda ts, qt: hstu.time_buckets(ts, qt, hc.num_buckets), batch["timestamps"],
+        batch["query_times"], reps=reps)
+    buckets = hstu.time_buckets(batch["timestamps"], batch["query_times"], hc.num_buckets)
+    rel = hstu.relative_positions(jnp.arange(n)[None], jnp.arange(n)[None], hc.max_len)
+    rab = hstu.RelativeBias(hc.max_len, hc.num_buckets)
+    rab_params = rab.init(rng, buckets, rel)
+    g = normal(key[3], b, n, n)
+    rab_grad = jax.grad(lambda p, buckets, rel, g: jnp.sum(rab.apply(p, buckets, rel) * g))
+    out["rab (all layers)"] = layers * median_ms(rab_grad, rab_params, buckets, rel, g, reps=reps)
+    attn = lambda q, k, v, bias: jnp.sum(hstu_attention(
+        q, k, v, lengths, bias=bias, scale_len=n, impl=hc.attention_impl) * v)
+    out["attention (all layers)"] = layers * median_ms(
+        jax.grad(attn, argnums=(0, 1, 2, 3)), q, k, v, g, reps=reps)
+  query = l2_normalize(normal(key[0], b, n, hc.dim))
+  weights = (jnp.arange(n)[None] < lengths[:, None]).astype(jnp.float32)
+
+  def negatives_loss(params, query, targets):
+    neg_ids = jax.random.randint(rng, losses.negative_shape(negatives, b, n, c.loss.num_negatives),
+                                 1, data.num_items + 1)
+    table = task.model.apply({"params": params}, method="item_embeddings")
+    return losses.sampled_softmax(query, table, targets, neg_ids, weights, c.loss.temperature)
+
+  out["sampled softmax"] = median_ms(jax.grad(negatives_loss, argnums=(0, 1)), state.params,
+                                     query, batch["targets"], reps=reps)
+  out["rest"] = out["gradients"] - sum(
+      v for k, v in out.items() if k not in ("step", "gradients", "optimizer"))
+  out["tokens (real)"] = int(lengths.sum())
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default="hstu:base,hstu:large")
+  p.add_argument("--negatives", default="per_sequence,per_position")
+  p.add_argument("--n", type=int, default=200, help="padded length of the profiled batch")
+  p.add_argument("--reps", type=int, default=5)
+  args = p.parse_args()
+  data = data_load.load(retrieval_configs.get_config("ml-1m", "hstu", "base").input, "sequences")
+  print(f"backend={jax.default_backend()} batch=128 N={args.n} (ms, median of {args.reps})")
+  for spec in args.models.split(","):
+    for negatives in args.negatives.split(","):
+      encoder, variant = spec.split(":")
+      r = profile(data, encoder, variant, negatives, args.n, args.reps)
+      print(f"\n{spec} negatives={negatives}")
+      for name, ms in r.items():
+        share = "" if name == "step" else f"{ms / r['step']:>8.0%}"
+        print(f"  {name:<34}{ms:>9.1f} ms{share}")
+
+
+if __name__ == "__main__":
+  main()
