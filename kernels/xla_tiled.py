@@ -90,7 +90,8 @@ def _attention_bwd(spec, residuals, do):
     dk = dk.at[:, :, :r1].add(jnp.einsum("bhij,bhid->bhjd", ds, q[:, :, r0:r1],
                                          preferred_element_type=F32))
     if bias is not None:
-      dbias.append(jnp.pad(jnp.sum(ds, axis=1), ((0, 0), (0, 0), (0, n - r1))))
+      ds_heads = functools.reduce(jnp.add, [ds[:, h] for h in range(ds.shape[1])])  # fast on CPU
+      dbias.append(jnp.pad(ds_heads, ((0, 0), (0, 0), (0, n - r1))))
   dq = jnp.concatenate(dq, axis=2) * spec.alpha
   dbias = None if bias is None else jnp.concatenate(dbias, axis=1).astype(bias.dtype)
   return (dq.astype(q.dtype), (dk * spec.alpha).astype(k.dtype), dv.astype(v.dtype), dbias,

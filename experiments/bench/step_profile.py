@@ -93,7 +93,6 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int)
                                      query, batch["targets"], reps=reps)
   out["rest"] = out["gradients"] - sum(
       v for k, v in out.items() if k not in ("step", "gradients", "optimizer"))
-  out["tokens (real)"] = int(lengths.sum())
   return out
 
 
