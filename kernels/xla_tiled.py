@@ -1,10 +1,9 @@
 """Causal HSTU attention in XLA that skips the tiles above the diagonal (the `xla` impl on CPU).
 
 The query axis is cut into tiles of `block` rows; tile `[r0, r1)` attends only to keys `[0, r1)`,
-so about half of the `[N, N]` pairs are never computed. Head dims are zero-padded to a multiple
-of 16 (the CPU's matmul kernels run 25- and 50-wide contractions at half speed; zeros change
-no sum). One `jax.custom_vjp` recomputes each tile's logits in the backward pass instead of
-keeping `[B, H, N, N]` residuals, and forms `silu'` once per tile.
+so about a third of the `[N, N]` pairs are never computed (four tiles). The forward pass keeps
+each tile's weights `w = silu(s) / N` and their derivative for a hand-written backward pass
+(`jax.custom_vjp`), which then needs neither a logits matmul nor a sigmoid of its own.
 
 Same mask (`kernels/masks.py`), bias and scale as `reference.hstu_attention_reference`, which the
 tests compare it with; only causal attention without a contextual prefix takes this path.
@@ -31,11 +30,6 @@ class TiledSpec:
   max_attn_len: int
 
 
-def _pad_to(x, m: int = 16):
-  pad = -x.shape[-1] % m
-  return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, pad),)) if pad else x
-
-
 def _tiles(n: int, block: int):
   return [(r0, min(r0 + block, n)) for r0 in range(0, n, block)]
 
@@ -58,42 +52,45 @@ def _tile(q, k, bias, lengths, num_targets, r0, r1, spec: TiledSpec):
 
 
 def _forward(q, k, v, bias, lengths, num_targets, spec):
+  """(output, per-tile (w, g)): the weights and their derivative are kept for the backward
+  pass, which then needs no logits matmul and no sigmoid of its own."""
   n = q.shape[2]
-  outs = []
+  outs, saved = [], []
   for r0, r1 in _tiles(n, spec.block):
-    w, _ = _tile(q, k, bias, lengths, num_targets, r0, r1, spec)
+    w, g = _tile(q, k, bias, lengths, num_targets, r0, r1, spec)
     outs.append(jnp.einsum("bhij,bhjd->bhid", w.astype(v.dtype), v[:, :, :r1],
                            preferred_element_type=F32))
-  return jnp.concatenate(outs, axis=2).astype(v.dtype)
+    saved.append((w, g))
+  return jnp.concatenate(outs, axis=2).astype(v.dtype), saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, bias, lengths, num_targets, spec):
-  return _forward(q, k, v, bias, lengths, num_targets, spec)
+  return _forward(q, k, v, bias, lengths, num_targets, spec)[0]
 
 
 def _attention_fwd(q, k, v, bias, lengths, num_targets, spec):
-  return _forward(q, k, v, bias, lengths, num_targets, spec), (q, k, v, bias, lengths, num_targets)
+  out, saved = _forward(q, k, v, bias, lengths, num_targets, spec)
+  return out, (q, k, v, bias is not None, saved)
 
 
 def _attention_bwd(spec, residuals, do):
-  q, k, v, bias, lengths, num_targets = residuals
+  q, k, v, has_bias, saved = residuals
   n = q.shape[2]
   dq, dbias = [], []
   dk, dv = jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
-  for r0, r1 in _tiles(n, spec.block):
-    w, g = _tile(q, k, bias, lengths, num_targets, r0, r1, spec)
+  for (r0, r1), (w, g) in zip(_tiles(n, spec.block), saved):
     do_t = do[:, :, r0:r1]
     dv = dv.at[:, :, :r1].add(jnp.einsum("bhij,bhid->bhjd", w, do_t, preferred_element_type=F32))
     ds = jnp.einsum("bhid,bhjd->bhij", do_t, v[:, :, :r1], preferred_element_type=F32) * g
     dq.append(jnp.einsum("bhij,bhjd->bhid", ds, k[:, :, :r1], preferred_element_type=F32))
     dk = dk.at[:, :, :r1].add(jnp.einsum("bhij,bhid->bhjd", ds, q[:, :, r0:r1],
                                          preferred_element_type=F32))
-    if bias is not None:
+    if has_bias:
       ds_heads = functools.reduce(jnp.add, [ds[:, h] for h in range(ds.shape[1])])  # fast on CPU
       dbias.append(jnp.pad(ds_heads, ((0, 0), (0, 0), (0, n - r1))))
   dq = jnp.concatenate(dq, axis=2) * spec.alpha
-  dbias = None if bias is None else jnp.concatenate(dbias, axis=1).astype(bias.dtype)
+  dbias = jnp.concatenate(dbias, axis=1) if has_bias else None
   return (dq.astype(q.dtype), (dk * spec.alpha).astype(k.dtype), dv.astype(v.dtype), dbias,
           None, None)
 
@@ -110,13 +107,13 @@ def tiled_attention(q, k, v, lengths, *, bias=None, num_targets=None, max_attn_l
                     alpha: float = 1.0, scale_len: int, block: int | None = None) -> jax.Array:
   """Causal HSTU attention of `[B, N, H, d]` inputs (bias `[B, N, N]` or None); see the module
   docstring. Returns `[B, N, H, dv]`, padded rows zero."""
-  b, n, _, dv = v.shape
   lengths = jnp.asarray(lengths, jnp.int32)
   num_targets = (jnp.zeros_like(lengths) if num_targets is None
                  else jnp.asarray(num_targets, jnp.int32))
-  heads_first = lambda x: _pad_to(jnp.swapaxes(x, 1, 2))
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  n = q.shape[1]
   spec = TiledSpec(block or default_block(n), float(alpha), 1.0 / float(scale_len),
                    int(max_attn_len))
   out = _attention(heads_first(q), heads_first(k), heads_first(v), bias, lengths, num_targets,
                    spec)
-  return jnp.swapaxes(out[..., :dv], 1, 2)
+  return jnp.swapaxes(out, 1, 2)

@@ -192,8 +192,11 @@ class HSTU(nn.Module):
     n = x.shape[1]
     if positions is None:  # one [1, N, N] table shared by the batch
       positions = jnp.arange(n, dtype=jnp.int32)[None]
-    buckets = time_buckets(timestamps, query_times, self.config.num_buckets)
-    rel = relative_positions(positions, positions, self.config.max_len)
+    # Computed once for every layer: the barrier keeps XLA from fusing (recomputing) the
+    # logarithms into each layer's bias gather and gradient.
+    buckets, rel = jax.lax.optimization_barrier((
+        time_buckets(timestamps, query_times, self.config.num_buckets),
+        relative_positions(positions, positions, self.config.max_len)))
     cache = []
     for layer in self.layers:
       x, kv = layer(x, lengths, buckets, rel, num_targets=num_targets, train=train)
