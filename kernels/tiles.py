@@ -18,6 +18,12 @@ def tile_weights(q, k, bias, q0, k0, length, num_targets, alpha, inv_scale, mask
   rows = q0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
   cols = k0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
   valid = masks.element_mask(rows, cols, length, num_targets, **mask_kw)
+  return silu_weights(s, valid, inv_scale)
+
+
+def silu_weights(s, valid, inv_scale):
+  """(w, g) from logits `s`: `w = valid * silu(s) * inv_scale`, `g = valid * silu'(s) * inv_scale`
+  (the XLA tiled path shares it with the Pallas kernels)."""
   sig = jax.nn.sigmoid(s)
   w = jnp.where(valid, s * sig * inv_scale, 0.0)
   g = jnp.where(valid, sig * (1.0 + s * (1.0 - sig)) * inv_scale, 0.0)

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import masks
+from kernels import masks, tiles
 
 F32 = jnp.float32
 
@@ -46,10 +46,7 @@ def _tile(q, k, bias, lengths, num_targets, r0, r1, spec: TiledSpec):
   cols = jnp.arange(r1)[None, None, None, :]
   valid = masks.element_mask(rows, cols, lengths[:, None, None, None],
                              num_targets[:, None, None, None], max_attn_len=spec.max_attn_len)
-  sig = jax.nn.sigmoid(s)
-  w = jnp.where(valid, s * sig * spec.inv_scale, 0.0)
-  g = jnp.where(valid, sig * (1.0 + s * (1.0 - sig)) * spec.inv_scale, 0.0)
-  return w, g
+  return tiles.silu_weights(s, valid, spec.inv_scale)
 
 
 def _forward(q, k, v, bias, lengths, num_targets, spec):

@@ -4,8 +4,8 @@
 
 Each piece is jitted on its own at the step's shapes (batch 128, padded length `--n`) and timed
 (median of `--reps` calls after a warm call); forward and backward together where it has a
-gradient. `rest` is the gradient computation minus the pieces: the input embeddings, projections, layer
-norms, elementwise work and everything XLA fuses around them. The pieces run in isolation, so
+gradient. `rest` is the gradient computation minus the pieces: the input embeddings,
+projections, layer norms, elementwise work and everything XLA fuses around them. The pieces run in isolation, so
 they need not add up exactly to the step.
 """
 
@@ -61,10 +61,10 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int)
   out["step"] = median_ms(task.train_step, state, batch, rng, reps=reps)
   grads = jax.grad(lambda p, batch: task.loss(p, batch, rng)[0])
   out["gradients"] = median_ms(grads, state.params, batch, reps=reps)
-  g = grads(state.params, batch)
+  param_grads = grads(state.params, batch)
   update = lambda g, opt_state, params: optax.apply_updates(
       params, task.tx.update(g, opt_state, params)[0])
-  out["optimizer"] = median_ms(update, g, state.opt_state, state.params, reps=reps)
+  out["optimizer"] = median_ms(update, param_grads, state.opt_state, state.params, reps=reps)
   if encoder == "hstu":
     out["time buckets"] = median_ms(
         lambda ts, qt: hstu.time_buckets(ts, qt, hc.num_buckets), batch["timestamps"],
@@ -73,13 +73,14 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int)
     rel = hstu.relative_positions(jnp.arange(n)[None], jnp.arange(n)[None], hc.max_len)
     rab = hstu.RelativeBias(hc.max_len, hc.num_buckets)
     rab_params = rab.init(rng, buckets, rel)
-    g = normal(key[3], b, n, n)
+    bias_cotangent = normal(key[3], b, n, n)
     rab_grad = jax.grad(lambda p, buckets, rel, g: jnp.sum(rab.apply(p, buckets, rel) * g))
-    out["rab (all layers)"] = layers * median_ms(rab_grad, rab_params, buckets, rel, g, reps=reps)
+    out["rab (all layers)"] = layers * median_ms(rab_grad, rab_params, buckets, rel,
+                                                 bias_cotangent, reps=reps)
     attn = lambda q, k, v, bias: jnp.sum(hstu_attention(
         q, k, v, lengths, bias=bias, scale_len=n, impl=hc.attention_impl) * v)
     out["attention (all layers)"] = layers * median_ms(
-        jax.grad(attn, argnums=(0, 1, 2, 3)), q, k, v, g, reps=reps)
+        jax.grad(attn, argnums=(0, 1, 2, 3)), q, k, v, bias_cotangent, reps=reps)
   query = l2_normalize(normal(key[0], b, n, hc.dim))
   weights = (jnp.arange(n)[None] < lengths[:, None]).astype(jnp.float32)
 
