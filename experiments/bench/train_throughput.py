@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from fmx import files
+
 MODES = {"defaults": ("per_sequence", False), "official": ("per_position", True)}
 
 
@@ -148,15 +150,15 @@ def main():
                    f"{r['useful_gflops'] / peak:.0%} | {r['eval_s']:.1f} ({r['eval_users']}) | "
                    f"{r['peak_rss_mb']:.0f} |")
       print(lines[-1], flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write("# Training throughput on ML-1M\n\n"
-              "`python experiments/bench/train_throughput.py --out=" + args.out + "`\n\n"
-              + head + ".\n\n" + "\n".join(lines) + "\n\n"
-              "`defaults`: negatives per sequence, length-bucketed batches. `official`: the "
-              "official code's work, negatives per position and uniform N=200 batches. Useful "
-              "FLOPs count only real tokens and unmasked (query, key) pairs; eval is full "
-              "ranking of every user against every item, history excluded.\n")
+  if args.out:  # all or nothing: a killed run leaves the previous table
+    files.atomic_write(args.out, "# Training throughput on ML-1M\n\n"
+                       "`python experiments/bench/train_throughput.py --out=" + args.out + "`\n\n"
+                       + head + ".\n\n" + "\n".join(lines) + "\n\n"
+                       "`defaults`: negatives per sequence, length-bucketed batches. "
+                       "`official`: the official code's work, negatives per position and uniform "
+                       "N=200 batches. "
+                       "Useful FLOPs count only real tokens and unmasked (query, key) pairs; eval "
+                       "is full ranking of every user against every item, history excluded.\n")
 
 
 if __name__ == "__main__":
