@@ -1,6 +1,6 @@
 """The knowledge-transfer study of arXiv 2508.02929 on our data, in one resumable command.
 
-  python experiments/transfer.py --workdir=/tmp/fmx_transfer [--datasets=ml-1m,synthetic]
+  python -m experiments.transfer --workdir=/tmp/fmx_transfer [--datasets=ml-1m,synthetic]
       [--seeds=3] [--out=experiments/results]
 
 Per dataset (the cross-surface MovieLens-1M view; seeded synthetic surfaces):
@@ -33,6 +33,7 @@ import shutil
 
 import numpy as np
 
+from experiments import sweep
 from fmx.configs import expert as expert_configs, foundation as fm_configs
 from fmx.data import tae_store
 from fmx.hypercast import logging_tier
@@ -45,17 +46,13 @@ assert set(CARRIERS) == set(expert_configs.VARIANTS) - {"runlocal"}
 LABELS = {"none": "expert alone", "ue": "+UE", "kd": "+KD", "tae": "+TAE", "tae+ue": "+TAE+UE"}
 
 
-def _done(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, "results.json"))
-
-
 def train_fms(dataset: str, root: str, args) -> dict[str, str]:
   """The early and late FM workdirs, trained (or resumed) as needed."""
   dirs = {"early": os.path.join(root, "fm", "early"), "late": os.path.join(root, "fm", "late")}
   for name, epochs in (("early", args.early_epochs), ("late", args.late_epochs)):
     c = fm_configs.get_config(dataset, args.fm_variant + ",nobaseline")
     c.num_epochs, c.progress = epochs, args.progress
-    if _done(dirs[name]):
+    if sweep.finished(dirs[name]):
       continue
     if name == "late" and not os.path.isdir(os.path.join(dirs["late"], "checkpoints")):
       # the late FM continues the early one's run (same seed, same stream)
@@ -95,7 +92,7 @@ def expert_dir(root: str, version: str, carrier: str, seed: int, kd_weight: floa
 
 def train_expert(dataset, root, fms, args, version, carrier, seed, kd_weight=0.0) -> str:
   workdir = expert_dir(root, version, carrier, seed, kd_weight)
-  if not _done(workdir):
+  if not sweep.finished(workdir):
     print(f"[{dataset}] expert {carrier}{f' (weight {kd_weight:g})' if carrier == 'kd' else ''} "
           f"on FM {version}, seed {seed}", flush=True)
     c = expert_config(dataset, carrier, fms[version], version, seed, root, args)
@@ -157,22 +154,6 @@ def _stat(rows, metric, **where) -> np.ndarray:
   return np.array([r[metric] for r in sel], np.float64)
 
 
-def _p(a: np.ndarray, b: np.ndarray) -> float:
-  from scipy import stats
-  if len(a) < 2 or len(b) < 2:
-    return float("nan")
-  return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def _ms(x: np.ndarray, fmt: str = ".4f") -> str:
-  std = x.std(ddof=1) if len(x) > 1 else 0.0
-  return f"{x.mean():{fmt}} ± {std:{fmt.lstrip('+')}}"
-
-
-def _mark(p: float) -> str:
-  return "" if p < 0.05 else " †"
-
-
 def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
   """The markdown section of one dataset and a summary of the bar checks."""
   keys = sorted({(r["surface"], r["task"], r["fm_task"]) for r in rows})
@@ -187,17 +168,19 @@ def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
   wins, significant, main = [], [], []
   for surface, task, fm_task in keys:
     base = _stat(rows, "ne", fm="late", carrier="none", surface=surface, task=task)
-    cells = [f"{surface}/{task}" + ("" if fm_task else " (unseen)"), _ms(base),
-             _ms(_stat(rows, "auc", fm="late", carrier="none", surface=surface, task=task), ".3f")]
+    auc = _stat(rows, "auc", fm="late", carrier="none", surface=surface, task=task)
+    cells = [f"{surface}/{task}" + ("" if fm_task else " (unseen)"), sweep.mean_std(base),
+             sweep.mean_std(auc, ".3f")]
     means = {}
     for c in CARRIERS[1:]:
       ne = _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task)
       means[c] = ne.mean()
       rel = 100.0 * (ne / base.mean() - 1.0)
-      cells += [_ms(rel, "+.2f") + _mark(_p(ne, base)),
-                _ms(_stat(rows, "auc", fm="late", carrier=c, surface=surface, task=task), ".3f")]
+      auc = _stat(rows, "auc", fm="late", carrier=c, surface=surface, task=task)
+      cells += [sweep.mean_std(rel, "+.2f") + sweep.mark(sweep.welch_p(ne, base)),
+                sweep.mean_std(auc, ".3f")]
     tae = _stat(rows, "ne", fm="late", carrier="tae", surface=surface, task=task)
-    p_tae = [_p(tae, _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task))
+    p_tae = [sweep.welch_p(tae, _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task))
              for c in ("ue", "kd")]
     fm_ne = _stat(rows, "fm_ne", fm="late", carrier="none", surface=surface, task=task)
     fm_auc = _stat(rows, "fm_auc", fm="late", carrier="none", surface=surface, task=task)
@@ -227,8 +210,9 @@ def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
     e_l = _stat(rows, "ne", fm="late", carrier="tae", surface=surface, task=task)
     tr = (e_e - e_l) / (f_e - f_l)  # per seed: the FMs are fixed
     trs[f"{surface}/{task}"] = float(tr.mean())
-    out.append(f"| {surface}/{task} | {f_e:.4f} | {f_l:.4f} | {f_e - f_l:+.4f} | {_ms(e_e)} | "
-               f"{_ms(e_l)} | {e_e.mean() - e_l.mean():+.4f}{_mark(_p(e_e, e_l))} | {_ms(tr, '.2f')} |")
+    gap = f"{e_e.mean() - e_l.mean():+.4f}{sweep.mark(sweep.welch_p(e_e, e_l))}"
+    out.append(f"| {surface}/{task} | {f_e:.4f} | {f_l:.4f} | {f_e - f_l:+.4f} | "
+               f"{sweep.mean_std(e_e)} | {sweep.mean_std(e_l)} | {gap} | {sweep.mean_std(tr, '.2f')} |")
 
   out += ["", "### Unseen tasks (never supervised in the FM)", "",
           "NE change of each carrier against the expert alone on the tasks the FM never saw.", "",
@@ -238,10 +222,11 @@ def tables(dataset: str, rows: list[dict]) -> tuple[str, dict]:
     if fm_task:
       continue
     base = _stat(rows, "ne", fm="late", carrier="none", surface=surface, task=task)
-    cells = [f"{surface}/{task}", _ms(base)]
+    cells = [f"{surface}/{task}", sweep.mean_std(base)]
     for c in CARRIERS[1:]:
       ne = _stat(rows, "ne", fm="late", carrier=c, surface=surface, task=task)
-      cells += [_ms(ne), _ms(100.0 * (ne / base.mean() - 1.0), "+.2f") + _mark(_p(ne, base))]
+      rel = sweep.mean_std(100.0 * (ne / base.mean() - 1.0), "+.2f")
+      cells += [sweep.mean_std(ne), rel + sweep.mark(sweep.welch_p(ne, base))]
     out.append("| " + " | ".join(cells) + " |")
   summary = {"tae_beats_ue_and_kd": wins, "main_tasks": main, "tr": trs}
   out += ["", f"TAE has a lower mean NE than both UE and KD on {len(wins)} of {len(main)} main "
@@ -322,7 +307,7 @@ def main():
     w.writerows(rows)
   flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
            for k, v in vars(args).items() if k not in ("workdir", "out", "progress") and v not in (False, "")]
-  cmd = " ".join(["python experiments/transfer.py --workdir=..."] + flags)
+  cmd = " ".join(["python -m experiments.transfer --workdir=..."] + flags)
   header = ["# Knowledge transfer: surface experts on frozen FM knowledge", "",
             f"Produced by `{cmd}`.", "Seeds: " + str(args.seeds) + "; test split; the epoch of "
             "every expert is picked on held-out users of its training windows. See "

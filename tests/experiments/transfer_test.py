@@ -1,15 +1,15 @@
-"""`experiments/transfer.py` end to end on tiny synthetic data: every stage, tables, resume."""
+"""`experiments.transfer` end to end on tiny synthetic data: every stage, tables, resume."""
 
 import csv
 import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_transfer_study_end_to_end(tmp_path):
-  cmd = [sys.executable, "experiments/transfer.py", f"--workdir={tmp_path / 'w'}",
+  cmd = [sys.executable, "-m", "experiments.transfer", f"--workdir={tmp_path / 'w'}",
          f"--out={tmp_path / 'out'}", "--datasets=synthetic", "--seeds=2", "--fm-variant=runlocal",
          "--early-epochs=1", "--late-epochs=2", "--surfaces=s1", "--kd-weights=0.5,1", "--quick"]
   p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
