@@ -5,6 +5,7 @@ fails before JAX and TensorFlow Datasets are imported."""
 from __future__ import annotations
 
 import importlib
+import os
 
 JOBS = {
     "retrieval": "fmx.train.retrieval",  # HSTU / SASRec next-item retrieval
@@ -22,6 +23,8 @@ JOBS = {
 
 
 def run(config, workdir: str) -> dict:
+  """Runs `config.job` in `workdir` (created if needed) and returns its results."""
   if config.job not in JOBS:
     raise KeyError(config.job)
+  os.makedirs(workdir, exist_ok=True)
   return importlib.import_module(JOBS[config.job]).train_and_evaluate(config, workdir)

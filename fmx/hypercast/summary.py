@@ -237,14 +237,13 @@ def write_per_window(workdir: str, fm_records, ex_records, spec) -> None:
 def plot(workdir: str) -> None:
   """`ne_per_window.png` from `metrics.jsonl` (skipped, with a warning, without matplotlib)."""
   try:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
   except ImportError:
     print("fmx: warning: no plot (pip install 'fmx[experiments]' for matplotlib)", file=sys.stderr)
     return
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   rows = reporting.json_lines(os.path.join(workdir, "metrics.jsonl"))
-  fig, ax = plt.subplots(figsize=(8, 4))
+  fig = Figure(figsize=(8, 4))
+  ax = fig.subplots()
   for key in sorted({k for r in rows for k in r if k.startswith("ne_mean/")}):
     pts = [(r["window"], r[key]) for r in rows if key in r]
     ax.plot(*zip(*pts), marker=".", linewidth=0.8, label=key.split("/", 1)[1])
@@ -253,7 +252,6 @@ def plot(workdir: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "ne_per_window.png"), dpi=100)
-  plt.close(fig)
 
 
 def table(r: dict) -> str:
