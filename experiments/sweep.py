@@ -17,8 +17,9 @@ with its output in `DIR/<row>/seed<k>/sweep.log`; at most `--workers` run at onc
 several sittings: rerun the same command. A run with a `results.json` is finished and skipped;
 any other resumes from its newest checkpoint (fmx.main refuses to resume one whose config changed).
 The table is written after every sitting from the runs finished so far and names the missing ones.
-Exit status: 0 if every selected run finished, 1 if some failed (their logs are named), 2 for bad
-input.
+SIGINT/SIGTERM stop the running runs at a checkpoint and start no new ones. Exit status: 0 if
+every selected run finished, 1 if some failed (their logs are named), 2 for bad input, 128 +
+the signal if stopped.
 """
 
 from __future__ import annotations
@@ -118,10 +119,10 @@ class Runner:
     self.workers = workers
     self.procs: set[subprocess.Popen] = set()
     self.lock = threading.Lock()
-    self.stopping = False
+    self.stopping = 0  # the signal that stopped the sweep
 
   def stop(self, signum, frame):
-    self.stopping = True
+    self.stopping = signum
     with self.lock:
       for p in self.procs:
         p.send_signal(signal.SIGTERM)
@@ -151,8 +152,9 @@ class Runner:
       return status, f.read()
 
 
-def run_sweep(sweep: dict, workdir: str, workers: int, only: str = "") -> list[str]:
-  """Runs every unfinished run; returns the failed runs' log paths."""
+def run_sweep(sweep: dict, workdir: str, workers: int, only: str = "") -> tuple[list[str], int]:
+  """Runs every unfinished run; returns the failed runs' log paths and the signal that stopped
+  the sweep (0 if none did)."""
   todo = [(row, seed) for row, seed in runs(sweep, only)
           if not finished(run_dir(workdir, row, seed))]
   done = len(runs(sweep, only)) - len(todo)
@@ -173,6 +175,9 @@ def run_sweep(sweep: dict, workdir: str, workers: int, only: str = "") -> list[s
     how = f"resumed from step {resumed.group(1)}, " if resumed else ""
     if status == 0 and finished(path):
       print(f"  done  {row['name']} seed {seed} ({how}{time.time() - t:.0f} s)", flush=True)
+    elif runner.stopping and status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+      print(f"  stop  {row['name']} seed {seed} (checkpointed; {how}{time.time() - t:.0f} s)",
+            flush=True)
     else:
       failed.append(os.path.join(path, "sweep.log"))
       print(f"  FAIL  {row['name']} seed {seed} (exit {status}; {how}see {path}/sweep.log)",
@@ -188,7 +193,7 @@ def run_sweep(sweep: dict, workdir: str, workers: int, only: str = "") -> list[s
   if runner.stopping:
     print("sweep stopped: the running runs saved checkpoints; rerun the same command to resume",
           flush=True)
-  return failed
+  return failed, runner.stopping
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -379,7 +384,8 @@ def main(argv=None) -> int:
   try:
     os.makedirs(args.workdir, exist_ok=True)
     with files.exclusive(os.path.join(args.workdir, ".sweep.lock"), f"sweep {args.workdir}"):
-      failed = [] if args.table_only else run_sweep(sweep, args.workdir, args.workers, args.only)
+      failed, stopped = (([], 0) if args.table_only
+                         else run_sweep(sweep, args.workdir, args.workers, args.only))
       md = write_tables(sweep, args.sweep_file, args.workdir, args.out)
   except (files.LockedError, OSError) as e:
     return fail(str(e))
@@ -387,7 +393,7 @@ def main(argv=None) -> int:
   if failed:
     print(f"{len(failed)} run(s) failed; their logs: " + ", ".join(failed), file=sys.stderr)
     return 1
-  return 0
+  return 128 + stopped if stopped else 0
 
 
 if __name__ == "__main__":
