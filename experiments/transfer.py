@@ -21,6 +21,11 @@ Per dataset (the cross-surface MovieLens-1M view; seeded synthetic surfaces):
 Writes `<out>/transfer.md`, `<out>/transfer.csv` (one row per run, surface and task) and
 `<out>/transfer.png`. Every stage resumes: finished runs (results.json) are skipped, unfinished
 ones continue from their checkpoints.
+
+It shares `experiments.sweep`'s rule for a finished run and its statistics (mean ± std, Welch
+t-test, the † mark), but runs its stages in this process rather than as sweep rows: each stage
+needs the one before it (the logging tier reads the FMs, every expert reads the KD weight the
+tuning picked), and most runs here take seconds, which a subprocess per run would double.
 """
 
 from __future__ import annotations
