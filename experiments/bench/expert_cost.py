@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +73,7 @@ def main():
            "timestamps": jnp.zeros((1, t), jnp.int32), "lengths": jnp.array([t]),
            "cand": jnp.ones((1,), jnp.int32), "request_time": jnp.zeros((1,), jnp.int32),
            "tae": jnp.zeros((1, c.model.dim)), "ue": jnp.zeros((1, c.model.dim))}
-  e_params = expert.init(jax.random.PRNGKey(0), batch, items)["params"]
+  e_params = nn.meta.unbox(expert.init(jax.random.PRNGKey(0), batch, items)["params"])
   e_flops = flops(lambda p, b: expert.apply({"params": p}, b, items), e_params, batch)
   emb = lambda params, name: int(np.prod(params[name]["embedding"].shape))
   fm_dense, e_dense = count(fm_params) - emb(fm_params, "item"), count(e_params) - emb(e_params, "item")

@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,7 +49,7 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int)
   batch = ds[0]
   task = retrieval.RetrievalTask(c, retrieval.build_model(c.model, padded_vocab(data.num_items)),
                                  make_optimizer(c.optimizer), data.num_items)
-  state = task.init(jax.random.PRNGKey(0))
+  state = nn.meta.unbox(task.init(jax.random.PRNGKey(0)))
   rng = jax.random.PRNGKey(1)
   hc = task.model.config
   b, layers = batch["ids"].shape[0], hc.num_layers
@@ -72,7 +73,7 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int)
     buckets = hstu.time_buckets(batch["timestamps"], batch["query_times"], hc.num_buckets)
     rel = hstu.relative_positions(jnp.arange(n)[None], jnp.arange(n)[None], hc.max_len)
     rab = hstu.RelativeBias(hc.max_len, hc.num_buckets)
-    rab_params = rab.init(rng, buckets, rel)
+    rab_params = nn.meta.unbox(rab.init(rng, buckets, rel))
     bias_cotangent = normal(key[3], b, n, n)
     rab_grad = jax.grad(lambda p, buckets, rel, g: jnp.sum(rab.apply(p, buckets, rel) * g))
     out["rab (all layers)"] = layers * median_ms(rab_grad, rab_params, buckets, rel,

@@ -65,6 +65,7 @@ def useful_flops(m, lengths, num_negatives: int) -> float:
 
 
 def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
+  import flax.linen as nn
   import jax
   import numpy as np
   from fmx.configs import retrieval as retrieval_configs
@@ -85,7 +86,7 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   task = retrieval.RetrievalTask(c, retrieval.build_model(c.model, padded_vocab(data.num_items)),
                                  make_optimizer(c.optimizer), data.num_items,
                                  retrieval.position_norm(data, c))
-  state = task.init(jax.random.PRNGKey(0))
+  state = nn.meta.unbox(task.init(jax.random.PRNGKey(0)))
   batches = [ds[i] for i in range(steps)]
   step = jax.jit(task.train_step, donate_argnums=0)
   rng = jax.random.PRNGKey(1)

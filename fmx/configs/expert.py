@@ -54,7 +54,7 @@ def get_config(dataset: str, arg: str | None, fm_workdir: str) -> ml_collections
                                                warmup_steps=0))
   c.evals = ml_collections.ConfigDict(dict(every_epochs=1, every_steps=0, batch_size=1024,
                                            show=("ne_mean", "valid/ne_mean")))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, rules=fm.mesh.rules))
+  c.mesh = ml_collections.ConfigDict(fm.mesh.to_dict())
 
   if "runlocal" in words:
     c.num_epochs = 3

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmx.models import axes
 from fmx.models.foundation import YEAR_BUCKETS, year_bucket
 
 
@@ -26,17 +27,23 @@ class NonSequential(nn.Module):
     d = self.dim
     ids = jnp.take_along_axis(tokens["ids"], tokens["cand_index"], axis=1)
     surf = jnp.take_along_axis(tokens["surfaces"], tokens["cand_index"], axis=1)
-    emb = lambda n, name: nn.Embed(n, d, embedding_init=nn.initializers.truncated_normal(0.02), name=name)
-    x = (emb(self.vocab_size, "item")(ids)
-         + emb(YEAR_BUCKETS, "year")(year_bucket(jnp.take(items["year"], ids, axis=0)))
-         + nn.Dense(d, use_bias=False, name="genres")(jnp.take(items["genres"], ids, axis=0).astype(jnp.float32))
-         + nn.Dense(d, use_bias=False, name="content")(jnp.take(items["content"], ids, axis=0)))
-    user = emb(self.num_users, "user")(tokens["user"])[:, None, :]
+    side = lambda name: axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED), name=name)
+    x = (axes.item_table(self.vocab_size, d, name="item")(ids)
+         + axes.small_table(YEAR_BUCKETS, d, name="year")(
+             year_bucket(jnp.take(items["year"], ids, axis=0)))
+         + side("genres")(jnp.take(items["genres"], ids, axis=0).astype(jnp.float32))
+         + side("content")(jnp.take(items["content"], ids, axis=0)))
+    user = axes.small_table(self.num_users, d, name="user")(tokens["user"])[:, None, :]
     h = jnp.concatenate([x, jnp.broadcast_to(user, x.shape)], axis=-1)
     h = nn.Dropout(self.input_dropout, deterministic=not train)(h)
-    hidden = nn.DenseGeneral((self.num_surfaces, self.head_dim), name="hidden")(h)
-    w = self.param("out_kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+    hidden = nn.DenseGeneral(
+        (self.num_surfaces, self.head_dim), name="hidden",
+        kernel_init=axes.names(nn.initializers.lecun_normal(), axes.EMBED, None, axes.MLP),
+        bias_init=axes.names(nn.initializers.zeros_init(), None, axes.MLP))(h)
+    w = self.param("out_kernel", axes.names(nn.initializers.lecun_normal(batch_axis=(0,)), None,
+                                            axes.MLP, None),
                    (self.num_surfaces, self.head_dim, self.num_tasks))
-    b = self.param("out_bias", nn.initializers.zeros, (self.num_surfaces, self.num_tasks))
+    b = self.param("out_bias", axes.names(nn.initializers.zeros, None, None),
+                   (self.num_surfaces, self.num_tasks))
     logits = jnp.einsum("btsh,sho->btso", jax.nn.silu(hidden), w) + b
     return None, jnp.take_along_axis(logits, surf[..., None, None], axis=2)[:, :, 0]  # [B, T, tasks]

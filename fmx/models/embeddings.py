@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmx.models import axes
+
 
 def padded_vocab(num_items: int, shards: int = 1) -> int:
   """Item table rows: padding row 0 + items, rounded up to a multiple of 8 that `shards`
@@ -28,7 +30,8 @@ class ItemEmbedding(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.initializers.truncated_normal(stddev=0.02), (self.vocab_size, self.dim))
+        "embedding", axes.names(nn.initializers.truncated_normal(stddev=0.02), axes.VOCAB,
+                                axes.VOCAB_EMBED), (self.vocab_size, self.dim))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding, ids, axis=0)
@@ -44,7 +47,8 @@ class PositionalInput(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
     n = x.shape[1]
-    pos = self.param("pos_embedding", nn.initializers.truncated_normal(stddev=math.sqrt(1.0 / self.dim)),
+    init = nn.initializers.truncated_normal(stddev=math.sqrt(1.0 / self.dim))
+    pos = self.param("pos_embedding", axes.names(init, axes.CATEGORY, axes.EMBED),
                      (self.max_len, self.dim))
     x = x * math.sqrt(self.dim) + pos[None, :n]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fmx.configs.common import CARRIERS
+from fmx.models import axes
 from fmx.models.hstu import HSTU, HSTUConfig
 
 
@@ -28,8 +29,8 @@ class FMEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.LayerNorm()(jax.lax.stop_gradient(x))
-    return nn.Dense(self.dim)(nn.Dropout(self.dropout, deterministic=not train)(x))
+    x = axes.layer_norm()(jax.lax.stop_gradient(x))
+    return axes.dense(self.dim)(nn.Dropout(self.dropout, deterministic=not train)(x))
 
 
 def example_batch(n: int, short_len: int, fm_dim: int) -> dict:
@@ -72,18 +73,18 @@ class Expert(nn.Module):
     if self.carrier not in CARRIERS:
       raise ValueError(f"expert carrier={self.carrier!r}: expected one of {CARRIERS}")
     d = c.dim
-    self.item = nn.Embed(self.vocab_size, d, embedding_init=nn.initializers.truncated_normal(0.02))
-    self.action = nn.Embed(4, d)
+    self.item = axes.item_table(self.vocab_size, d)
+    self.action = axes.small_table(4, d, init=nn.linear.default_embed_init)
     self.short_term = HSTU(c)
     self.fm_tae = FMEmbedding(d, c.dropout)
     self.fm_ue = FMEmbedding(d, c.dropout)
     self.fm_item = FMEmbedding(d, c.dropout)
-    self.fm_fusion = nn.Dense(2 * d)
-    self.fm_fusion_out = nn.Dense(d)
-    self.genres = nn.Dense(d, use_bias=False)
-    self.content = nn.Dense(d, use_bias=False)
-    self.expert_fusion = nn.Dense(d)
-    self.heads = nn.Dense(self.num_tasks)
+    self.fm_fusion = axes.dense(2 * d)
+    self.fm_fusion_out = axes.dense(d, axes=(axes.MLP, axes.EMBED))
+    self.genres = axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED))
+    self.content = axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED))
+    self.expert_fusion = axes.dense(d, axes=(axes.MLP, axes.EMBED))
+    self.heads = axes.dense(self.num_tasks, axes=(axes.EMBED, None))
 
   def _events(self, batch):
     """Inputs, timestamps and query times of the events `[B, T]` (the last one's query time is

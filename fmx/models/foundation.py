@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmx.models import axes
 from fmx.models.hstu import HSTU, HSTUConfig
 
 NUM_ACTIONS = 4  # 0: none (candidates, padding), 1..3 from the event's labels
@@ -60,19 +61,18 @@ class FoundationModel(nn.Module):
   def setup(self):
     c = self.config
     d = c.dim
-    emb = lambda n: nn.Embed(n, d, embedding_init=nn.initializers.truncated_normal(0.02))
-    self.item = emb(self.vocab_size)
-    self.surface = emb(self.num_surfaces)
-    self.action = emb(NUM_ACTIONS)
-    self.year = emb(YEAR_BUCKETS)
-    self.age = emb(AGE_BUCKETS)
-    self.position = emb(c.max_len)
-    self.genres = nn.Dense(d, use_bias=False)
-    self.content = nn.Dense(d, use_bias=False)
+    self.item = axes.item_table(self.vocab_size, d)
+    self.surface = axes.small_table(self.num_surfaces, d)
+    self.action = axes.small_table(NUM_ACTIONS, d)
+    self.year = axes.small_table(YEAR_BUCKETS, d)
+    self.age = axes.small_table(AGE_BUCKETS, d)
+    self.position = axes.small_table(c.max_len, d)
+    self.genres = axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED))
+    self.content = axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED))
     self.drop = nn.Dropout(self.input_dropout)
     self.encoder = HSTU(c)
-    self.head_hidden = nn.Dense(self.head_dim)
-    self.head_out = nn.Dense(self.num_tasks)
+    self.head_hidden = axes.dense(self.head_dim)
+    self.head_out = axes.dense(self.num_tasks, axes=(axes.MLP, None))
 
   def embed(self, ids, surfaces, actions, timestamps, request_time, positions, items, *, train):
     x = (self.item(ids) * math.sqrt(self.config.dim) + self.surface(surfaces)

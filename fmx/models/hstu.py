@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmx.models import axes
 from kernels import hstu_attention, hstu_cached_attention, masks
 from kernels.reference import masked_attention
 
@@ -104,7 +105,7 @@ class RelativeBias(nn.Module):
 
   @nn.compact
   def __call__(self, buckets: jax.Array, rel: jax.Array) -> jax.Array:
-    init = nn.initializers.normal(stddev=0.02)
+    init = axes.names(nn.initializers.normal(stddev=0.02), axes.TABLE)
     pos_w = self.param("pos_w", init, (2 * self.max_len - 1,))
     ts_w = self.param("ts_w", init, (self.num_buckets + 1,))
     return relative_bias(pos_w, ts_w, rel, buckets)
@@ -116,9 +117,10 @@ class HSTULayer(nn.Module):
   def setup(self):
     c = self.config
     h = c.num_heads
-    self.uvqk = nn.Dense(2 * h * (c.dv + c.dqk), use_bias=False,
-                         kernel_init=nn.initializers.normal(stddev=0.02))
-    self.out = nn.Dense(c.dim, kernel_init=nn.initializers.xavier_uniform())
+    self.uvqk = axes.dense(2 * h * (c.dv + c.dqk), use_bias=False,
+                           kernel_init=nn.initializers.normal(stddev=0.02))
+    self.out = axes.dense(c.dim, kernel_init=nn.initializers.xavier_uniform(),
+                          axes=(axes.MLP, axes.EMBED))
     self.drop = nn.Dropout(c.dropout)
     if c.use_rab:
       self.rab = RelativeBias(c.max_len, c.num_buckets)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fmx.models import axes
+
 
 class SASRecBlock(nn.Module):
   dim: int
@@ -14,14 +16,18 @@ class SASRecBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, valid, *, train: bool):
-    q = nn.LayerNorm(epsilon=1e-8)(x)
+    q = axes.layer_norm(epsilon=1e-8)(x)
+    # Flax gives the query/key/value and output projections one kernel_init, whose kernels
+    # differ in axis order: they stay replicated
     attn = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train)(
-            q, x, x, mask=mask)
+        num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
+        kernel_init=axes.names(nn.linear.default_kernel_init, *axes.REPLICATED),
+        bias_init=axes.names(nn.initializers.zeros_init(), *axes.REPLICATED))(q, x, x, mask=mask)
     x = q + attn
-    x = nn.LayerNorm(epsilon=1e-8)(x)
-    y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(self.dim)(x)))
-    y = nn.Dropout(self.dropout, deterministic=not train)(nn.Dense(self.dim)(y))
+    x = axes.layer_norm(epsilon=1e-8)(x)
+    y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(axes.dense(self.dim)(x)))
+    y = nn.Dropout(self.dropout, deterministic=not train)(
+        axes.dense(self.dim, axes=(axes.MLP, axes.EMBED))(y))
     return jnp.where(valid[..., None], x + y, 0.0)
 
 
@@ -44,4 +50,4 @@ class SASRec(nn.Module):
     for i in range(self.num_layers):
       x = SASRecBlock(self.dim, self.num_heads, self.dropout, name=f"block_{i}")(
           x, mask, valid, train=train)
-    return jnp.where(valid[..., None], nn.LayerNorm(epsilon=1e-8)(x), 0.0)
+    return jnp.where(valid[..., None], axes.layer_norm(epsilon=1e-8)(x), 0.0)

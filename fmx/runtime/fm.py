@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,15 +43,17 @@ def build(c: ml_collections.ConfigDict, data) -> tuple:
   return model, item_table(data, vocab)
 
 
-def init_params(c: ml_collections.ConfigDict, model, items, rng: jax.Array):
-  """Parameters of `model` for windows of `c.input.max_history + num_candidates` tokens."""
+def init_params(c: ml_collections.ConfigDict, model, items, rng: jax.Array, *, boxed=False):
+  """Parameters of `model` for windows of `c.input.max_history + num_candidates` tokens (with
+  their logical axis names if `boxed`, as the train loop takes them)."""
   n, t = c.input.max_history + c.input.num_candidates, c.input.num_candidates
   dummy = {k: jnp.zeros((1, n), jnp.int32) for k in ("ids", "surfaces", "actions", "positions")}
   dummy.update(timestamps=jnp.zeros((1, n), jnp.int32), query_times=jnp.zeros((1, n), jnp.int32),
                lengths=jnp.ones((1,), jnp.int32), num_targets=jnp.ones((1,), jnp.int32),
                cand_index=jnp.zeros((1, t), jnp.int32), request_time=jnp.zeros((1,), jnp.int32),
                user=jnp.zeros((1,), jnp.int32))
-  return model.init(rng, dummy, items)["params"]
+  params = model.init(rng, dummy, items)["params"]
+  return params if boxed else nn.meta.unbox(params)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 
 from fmx.hypercast import expert_stream
@@ -34,7 +35,7 @@ def publish_fm(root: str, data, c, version: int, seed: int) -> dict:
 def save_experts(root: str, data, c, step: int, seed: int, fm_dim: int, fm_vocab: int) -> dict:
   """Saves the experts of expert_stream config `c` at `step`, initialised; returns their params."""
   _, _, init = expert_stream.build_models(c, data, tuple(c.stream.follow), fm_dim, fm_vocab)
-  state = init_state(init(jax.random.PRNGKey(seed)), make_optimizer(c.optimizer))
+  state = nn.meta.unbox(init_state(init(jax.random.PRNGKey(seed)), make_optimizer(c.optimizer)))
   ckpt = checkpoint.Checkpointer(os.path.join(root, "experts", "checkpoints"), max_to_keep=None)
   ckpt.save(step, checkpoint_items(state), {"config": plain(c), "position": {}})
   ckpt.close()

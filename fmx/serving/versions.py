@@ -16,6 +16,7 @@ import sys
 import threading
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -176,8 +177,9 @@ class ExpertSource:
       vocab = padded_vocab(self.data.num_items, c.mesh.model)
       model = from_config(c, vocab, int(spec.valid[k].sum()))
       built["model"] = model
-      return model.init(jax.random.PRNGKey(0), example_batch(1, c.input.short_len, fm_dim),
-                        item_table(self.data, vocab))["params"]
+      return nn.meta.unbox(model.init(jax.random.PRNGKey(0),
+                                      example_batch(1, c.input.short_len, fm_dim),
+                                      item_table(self.data, vocab))["params"])
 
     s, params, c = _restore_params(os.path.join(self.path, surface, "checkpoints"), step,
                                    abstract_of)

@@ -32,7 +32,7 @@ def make_steps(c, model, items, spec, task_mask):
   weights = jnp.asarray(spec.weights * task_mask, jnp.float32)
 
   def init(rng):
-    return init_state(fm_runtime.init_params(c, model, items, rng), tx)
+    return init_state(fm_runtime.init_params(c, model, items, rng, boxed=True), tx)
 
   def loss_fn(params, batch, rng):
     _, logits = model.apply({"params": params}, batch, items, train=True, rngs={"dropout": rng})

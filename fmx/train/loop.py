@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -133,10 +134,12 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
   per_epoch = source.steps_per_epoch
   total = source.total_steps if source.total_steps is not None else sys.maxsize
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
+  rules = sharding.logical_rules(c.mesh)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(c.seed))
-  abstract = jax.eval_shape(init, init_rng)
-  state_sh = sharding.tree_shardings(abstract, mesh, c.mesh.rules)
-  step_fn = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh),
+  boxed = jax.eval_shape(init, init_rng)  # parameters (and their moments) with logical names
+  state_sh = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  step_fn = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh, rules),
                                               sharding.replicated(mesh)),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   wanted = checkpoint_items(checkpoint_abstract(abstract, state_sh))
@@ -149,7 +152,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
 
   restored = ckpt.restore(check)
   if restored is None:
-    state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    state = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=state_sh)(init_rng)
     meta = {"best": None, "latest": None, "position": source.start(), "config_changes": []}
   else:
     step, items, meta = restored

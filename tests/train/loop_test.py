@@ -1,6 +1,7 @@
 """The loop over a stream without epochs: it checkpoints its position with the state, so a
 stream that grew while the run was away is resumed at the first unseen batch."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,7 +40,7 @@ def train(workdir, batches):
   loss = lambda p, b, rng: (jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2), {})
   mse = lambda p, b: float(jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2))
   state, final, report = loop.train_loop(
-      config(), str(workdir), init=lambda rng: init_state({"w": jnp.zeros(4)}, tx),
+      config(), str(workdir), init=lambda rng: init_state({"w": nn.LogicallyPartitioned(jnp.zeros(4), ("embed",))}, tx),
       train_step=lambda s, b, rng: gradient_step(s, tx, loss, b, rng),
       source=GrowingStream(batches), evaluate=lambda p, epoch: {"mse": mse(p, batches[0])},
       select=None, desc="stream")
