@@ -65,7 +65,7 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c.mesh.model = 1
   c.mesh.item_table = "rows"  # the item table: "rows" or "columns" over `model`, or "replicated"
   c.mesh.fsdp = False  # also shard the width of dense parameters over `data`
-  c.mesh.rules = ()  # (logical axis, mesh axis or None) pairs added to the rules (fmx/train/sharding.py)
+  c.mesh.rules = ()  # (logical axis, mesh axis or None) pairs added (fmx/train/sharding.py)
 
   if "large" in words:
     c.model.dim, c.model.num_layers, c.model.num_heads = 128, 4, 4

@@ -101,7 +101,8 @@ def test_shards_sit_where_the_rules_say_on_simulated_devices():
                                      make_optimizer(c.optimizer), 3706)
       rules = sharding.logical_rules(c.mesh)
       sh = sharding.tree_shardings(jax.eval_shape(task.init, jax.random.PRNGKey(0)), mesh, rules)
-      state = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=sh)(jax.random.PRNGKey(0))
+      init = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=sh)
+      state = init(jax.random.PRNGKey(0))
       table = state.params["items"]["embedding"]
       assert {s.data.shape for s in table.addressable_shards} == {(vocab // 4, 50)}, table.sharding
       mu = state.opt_state[0].mu["items"]["embedding"]
