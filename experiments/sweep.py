@@ -381,12 +381,13 @@ def main(argv=None) -> int:
       re.compile(args.only)
   except (SweepError, re.error) as e:
     return fail(f"--only: {e}" if isinstance(e, re.error) else str(e))
+  failed, stopped = [], 0
   try:
     os.makedirs(args.workdir, exist_ok=True)
-    with files.exclusive(os.path.join(args.workdir, ".sweep.lock"), f"sweep {args.workdir}"):
-      failed, stopped = (([], 0) if args.table_only
-                         else run_sweep(sweep, args.workdir, args.workers, args.only))
-      md = write_tables(sweep, args.sweep_file, args.workdir, args.out)
+    if not args.table_only:  # tabulating only reads finished runs: it may run beside a sitting
+      with files.exclusive(os.path.join(args.workdir, ".sweep.lock"), f"sweep {args.workdir}"):
+        failed, stopped = run_sweep(sweep, args.workdir, args.workers, args.only)
+    md = write_tables(sweep, args.sweep_file, args.workdir, args.out)
   except (files.LockedError, OSError) as e:
     return fail(str(e))
   print(f"wrote {md}", flush=True)
