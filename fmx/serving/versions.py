@@ -105,13 +105,14 @@ def newest_step(directory: str) -> int | None:
 
 def _restore_params(directory: str, step: int | None, abstract_of: Callable):
   """(step, params, config) of a training workdir's checkpoint; `abstract_of(config)` gives the
-  params' abstract tree."""
+  params (boxed with their logical names or not) whose shapes the checkpoint holds."""
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   seen = {}
 
   def abstract(s, meta):
     seen["config"] = ml_collections.ConfigDict(meta.get("config", {}))
-    return {"params": checkpoint.on_one_device(jax.eval_shape(lambda: abstract_of(seen["config"])))}
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(abstract_of(seen["config"])))
+    return {"params": checkpoint.on_one_device(shapes)}
   try:
     restored = ckpt.restore(abstract, step=step)
   finally:
@@ -177,9 +178,8 @@ class ExpertSource:
       vocab = padded_vocab(self.data.num_items, c.mesh.model)
       model = from_config(c, vocab, int(spec.valid[k].sum()))
       built["model"] = model
-      return nn.meta.unbox(model.init(jax.random.PRNGKey(0),
-                                      example_batch(1, c.input.short_len, fm_dim),
-                                      item_table(self.data, vocab))["params"])
+      return model.init(jax.random.PRNGKey(0), example_batch(1, c.input.short_len, fm_dim),
+                        item_table(self.data, vocab))["params"]
 
     s, params, c = _restore_params(os.path.join(self.path, surface, "checkpoints"), step,
                                    abstract_of)

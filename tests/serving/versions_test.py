@@ -2,6 +2,7 @@
 workdir (job=expert), where each surface's expert is at its own version; a damaged new version
 is skipped while the old one keeps serving."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -44,8 +45,9 @@ def test_fm_and_per_surface_expert_workdirs(tmp_path, capsys):
   experts = {}
   for k, name in enumerate(data.spec.surfaces):
     ex = from_config(ex_c, vocab, int(data.spec.valid[k].sum()))
-    experts[name] = ex.init(jax.random.PRNGKey(k), example_batch(1, ex_c.input.short_len, d_fm),
-                            ex_items)["params"]
+    experts[name] = nn.meta.unbox(ex.init(jax.random.PRNGKey(k),
+                                          example_batch(1, ex_c.input.short_len, d_fm),
+                                          ex_items)["params"])
     save(tmp_path / "experts" / name / "checkpoints", 100 + k, experts[name], ex_c)
 
   registry = Registry(FMSource(str(tmp_path / "fm"), data),
