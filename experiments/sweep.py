@@ -17,6 +17,9 @@ with its output in `DIR/<row>/seed<k>/sweep.log`; at most `--workers` run at onc
 several sittings: rerun the same command. A run with a `results.json` is finished and skipped;
 any other resumes from its newest checkpoint (fmx.main refuses to resume one whose config changed).
 The table is written after every sitting from the runs finished so far and names the missing ones.
+Every finished run's `results.json` and `metrics.jsonl` are also kept in `<out>/<name>_runs/<row>/
+seed<k>/`, the record: commit it beside the table, and a sitting in a new workdir (another
+machine, a later session) takes the recorded runs as finished and rebuilds the same table.
 SIGINT/SIGTERM stop the running runs at a checkpoint and start no new ones. Exit status: 0 if
 every selected run finished, 1 if some failed (their logs are named), 2 for bad input, 128 +
 the signal if stopped.
@@ -28,7 +31,6 @@ import argparse
 import concurrent.futures
 import csv
 import importlib.util
-import json
 import math
 import os
 import re
@@ -99,6 +101,24 @@ def run_dir(workdir: str, row: dict, seed: int) -> str:
 def finished(run_workdir: str) -> bool:
   """A run is finished when fmx.main has written its results.json (the last thing it does)."""
   return os.path.isfile(os.path.join(run_workdir, "results.json"))
+
+
+RECORDED = ("metrics.jsonl", "results.json")  # results.json last: it marks the run finished
+
+
+def sync_record(sweep: dict, workdir: str, record: str) -> None:
+  """Copies each finished run from the workdir to the record, or from the record to a workdir
+  that lacks it."""
+  for row, seed in runs(sweep):
+    work, kept = run_dir(workdir, row, seed), run_dir(record, row, seed)
+    src, dst = (work, kept) if finished(work) else (kept, work)
+    if not finished(src) or finished(dst):
+      continue
+    os.makedirs(dst, exist_ok=True)
+    for name in RECORDED:
+      if os.path.isfile(os.path.join(src, name)):
+        with open(os.path.join(src, name), "rb") as f:
+          files.atomic_write(os.path.join(dst, name), f.read())
 
 
 def command(row: dict, seed: int, run_workdir: str) -> list[str]:
@@ -382,11 +402,14 @@ def main(argv=None) -> int:
   except (SweepError, re.error) as e:
     return fail(f"--only: {e}" if isinstance(e, re.error) else str(e))
   failed, stopped = [], 0
+  record = os.path.join(args.out, sweep["name"] + "_runs")
   try:
     os.makedirs(args.workdir, exist_ok=True)
     if not args.table_only:  # tabulating only reads finished runs: it may run beside a sitting
       with files.exclusive(os.path.join(args.workdir, ".sweep.lock"), f"sweep {args.workdir}"):
+        sync_record(sweep, args.workdir, record)
         failed, stopped = run_sweep(sweep, args.workdir, args.workers, args.only)
+    sync_record(sweep, args.workdir, record)
     md = write_tables(sweep, args.sweep_file, args.workdir, args.out)
   except (files.LockedError, OSError) as e:
     return fail(str(e))

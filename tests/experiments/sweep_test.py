@@ -21,9 +21,9 @@ def get_sweep():
 """
 
 
-def sweep(tmp_path, *args, env=None):
+def sweep(tmp_path, *args, env=None, workdir="w"):
   cmd = [sys.executable, "-m", "experiments.sweep", str(tmp_path / "tiny.py"),
-         f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'out'}", *args]
+         f"--workdir={tmp_path / workdir}", f"--out={tmp_path / 'out'}", *args]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env={**os.environ, **(env or {})})
 
@@ -64,6 +64,13 @@ def test_a_half_finished_sweep_resumes_without_rerunning_finished_runs(tmp_path)
   runs = list(csv.DictReader(open(tmp_path / "out" / "tiny.runs.csv")))
   assert sorted((r["row"], r["seed"]) for r in runs) == [("hstu", "0"), ("hstu", "1"), ("sasrec", "0")]
   assert all(r["epoch"] == "2" for r in runs)
+
+  # the record (committed beside the table) stands in for a lost workdir: nothing reruns
+  assert sorted(p.parent.name for p in (tmp_path / "out" / "tiny_runs").glob("*/seed*/results.json")) == [
+      "seed0", "seed0", "seed1"]
+  elsewhere = sweep(tmp_path, workdir="w2")
+  assert elsewhere.returncode == 0 and "3 run(s) finished before, 0 to run" in elsewhere.stdout
+  assert (tmp_path / "out" / "tiny.md").read_text() == md
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
