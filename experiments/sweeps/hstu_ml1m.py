@@ -40,10 +40,10 @@ def get_sweep():
       rows=rows,
       notes="""
 Protocol (the official repository's): MovieLens-1M, leave-one-out (each user's last item is the
-test target), full ranking over all 3,706 items with the user's history excluded, sequence
-length 200, sampled softmax with 128 uniform negatives at temperature 0.05 over L2-normalised
-embeddings, AdamW lr 1e-3 with betas (0.9, 0.98), batch 128, 101 epochs, metrics of the last
-epoch. fmx's defaults differ from the official code's work in two ways that do not change the
+test target), full ranking over all 3,883 movies (3,706 of them rated) with the user's
+history excluded, sequence length 200, sampled softmax with 128 uniform negatives at
+temperature 0.05 over L2-normalised embeddings, AdamW lr 1e-3 with betas (0.9, 0.98), batch
+128, 101 epochs, metrics of the last epoch. fmx's defaults differ from the official code's work in two ways that do not change the
 model: one set of 128 negatives per sequence instead of per position, and batches cut to
 length buckets instead of padded to 200 (row "HSTU, official work" runs the official work).
 Validation-protocol rows hold out each user's second-to-last item for validation, train on the
