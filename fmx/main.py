@@ -4,6 +4,10 @@ Override any field with `--config.key=value`; unknown keys fail. `config.job` pi
 (`fmx/jobs.py`). Reusing a workdir resumes from its newest intact checkpoint; one run at a time
 holds a workdir. Bad input ends with one line on stderr and exit status 2; SIGINT/SIGTERM save a
 checkpoint first and say how to resume.
+
+Several processes, one run (`fmx/distributed.py`): start the same command on every host with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST:PORT reachable on
+process 0), or with `--distributed` where JAX finds them itself (TPU VMs, SLURM, Open MPI).
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from fmx.configs import common
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0 of a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (0 is the primary).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "A multi-process run whose processes JAX "
+                                 "detects (TPU VM pod slices, SLURM, Open MPI).")
 SUMMARY = ("hr@10", "ndcg@10", "mrr", "ne_mean", "rel_ne/", "rows", "windows", "events",
            "requests/")
 
@@ -79,6 +89,12 @@ def main(argv):
   if job not in jobs.JOBS:
     fail(f"config.job={job!r}: expected one of {sorted(jobs.JOBS)}")
   workdir = usable_workdir(_WORKDIR.value)
+  from fmx import distributed
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _DISTRIBUTED.value)
+  except (ValueError, RuntimeError) as e:
+    fail(f"cannot join the run's processes: {e}")
   from fmx.data.raw import RawDataError  # heavy imports after the flags are checked
   from fmx.data.tae_store import StoreError
   from fmx.hypercast.event_log import LogError
@@ -92,9 +108,10 @@ def main(argv):
   signal.signal(signal.SIGTERM, interrupt)  # outside the training loop, SIGTERM is Ctrl-C
   try:
     common.check(config)
-    with files.exclusive(os.path.join(workdir, ".lock"), f"workdir {workdir}"):
+    with distributed.primary_only(files.exclusive(os.path.join(workdir, ".lock"),
+                                                  f"workdir {workdir}")):
       stale = os.path.join(workdir, "results.json")  # written again when this run finishes
-      if os.path.exists(stale):
+      if distributed.is_primary() and os.path.exists(stale):
         os.remove(stale)
       results = jobs.run(config, workdir)
   except KeyboardInterrupt:  # before the loop took over the signals, or a second signal

@@ -62,6 +62,17 @@ NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup
                 "max_windows", "max_restarts", "stream.start_window", "start_window", "end_window")
 
 
+def mesh() -> ml_collections.ConfigDict:
+  """The `mesh` section: the device mesh and the logical axis rules (fmx/train/sharding.py)."""
+  m = ml_collections.ConfigDict()
+  m.data = -1  # devices on the data axis (-1: all that remain)
+  m.model = 1  # devices on the model axis
+  m.item_table = "rows"  # the item table: "rows" or "columns" over `model`, or "replicated"
+  m.fsdp = False  # also shard the width of dense parameters over `data`
+  m.rules = ()  # (logical axis, mesh axis or None) pairs added to the table
+  return m
+
+
 def flatten(c: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
   """`{"a.b": value}` for every leaf."""
   out = {}

@@ -60,12 +60,7 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c.evals.batch_size = 128
   c.evals.show = ("ne_mean", "valid/ne_mean")
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.model = 1
-  c.mesh.item_table = "rows"  # the item table: "rows" or "columns" over `model`, or "replicated"
-  c.mesh.fsdp = False  # also shard the width of dense parameters over `data`
-  c.mesh.rules = ()  # (logical axis, mesh axis or None) pairs added (fmx/train/sharding.py)
+  c.mesh = common.mesh()
 
   if "large" in words:
     c.model.dim, c.model.num_layers, c.model.num_heads = 128, 4, 4

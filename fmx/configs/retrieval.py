@@ -67,12 +67,7 @@ def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.Co
   c.evals.batch_size = 256  # users per eval step
   c.evals.show = ("hr@10", "ndcg@10", "valid/ndcg@10")  # metrics printed after each evaluation
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis (-1: all that remain)
-  c.mesh.model = 1  # devices on the model axis
-  c.mesh.item_table = "rows"  # the item table: "rows" or "columns" over `model`, or "replicated"
-  c.mesh.fsdp = False  # also shard the width of dense parameters over `data`
-  c.mesh.rules = ()  # (logical axis, mesh axis or None) pairs added (fmx/train/sharding.py)
+  c.mesh = common.mesh()
 
   if "large" in words:
     c.model.num_layers, c.model.num_heads, c.model.dqk, c.model.dv = 8, 2, 25, 25

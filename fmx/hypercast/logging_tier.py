@@ -20,7 +20,7 @@ import numpy as np
 
 from fmx.data import load as data_load, ranking, tae_store
 from fmx.runtime import fm as fm_runtime
-from fmx.train import reporting
+from fmx.train import reporting, sharding
 
 COLUMNS = ("user", "split", "request_time", "history_end", "cand", "surface", "tae", "ue",
            "fm_probs", "labels", "label_valid")
@@ -91,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fm_config.input.update(c.input.to_dict())  # this machine's data locations
     return data_load.load(fm_config.input, "surfaces")
 
-  fm = fm_runtime.restore(c.fm_workdir, step=c.fm_step or None, load_data=load_data)
+  fm = fm_runtime.restore(c.fm_workdir, step=c.fm_step or None, load_data=load_data,
+                          layout=sharding.Layout.of(c.mesh))
   rows = materialise(fm, c.store, c.fm_version, tuple(c.splits), c.batch_size)
   results.update(rows=rows, fm_step=fm.step, wall_s=round(time.time() - t0, 2))
   reporting.write_results(workdir, results)

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fmx import distributed
+
 
 class CheckpointError(RuntimeError):
   """No intact checkpoint can be had; the message names the directory and what to do."""
@@ -32,9 +34,10 @@ class Damaged(Exception):
 
 
 def digest(tree) -> str:
-  """sha256 over the dtype, shape and bytes of every leaf, in tree order."""
+  """sha256 over the dtype, shape and bytes of every leaf, in tree order, whatever mesh or
+  processes hold it (the same value restored onto another mesh has the same digest)."""
   h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(tree)):
+  for leaf in jax.tree.leaves(distributed.host_copy(tree)):
     a = np.asarray(leaf)
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
@@ -165,7 +168,7 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int) -> None:
-    if self.read_only:
+    if self.read_only or not distributed.is_primary():
       return
     src = os.path.join(self.directory, str(step))
     os.replace(src, os.path.join(self.directory, f"damaged-{step}-{int(time.time())}"))

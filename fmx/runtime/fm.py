@@ -67,10 +67,12 @@ class PinnedFM:
   step: int
   data: object
   workdir: str
+  layout: object = None  # a `fmx.train.sharding.Layout` the parameters sit on (None: one device)
 
   def __post_init__(self):
-    self._forward = jax.jit(lambda p, b: self.model.apply({"params": p}, b, self.items,
-                                                          return_user=True))
+    fn = lambda p, b: self.model.apply({"params": p}, b, self.items, return_user=True)
+    self._forward = (jax.jit(fn) if self.layout is None else
+                     self.layout.jit_eval(fn, jax.tree.map(lambda x: x.sharding, self.params)))
 
   def forward(self, batch: dict):
     """(TAEs `[B, T, d]`, probabilities `[B, T, tasks]`, user embeddings `[B, d]`) of padded
@@ -82,12 +84,14 @@ class PinnedFM:
     return MFalcon(self.model, self.items, micro_batch)
 
 
-def restore(fm_workdir: str, *, step: int | None = None,
-            load_data: Callable | None = None) -> PinnedFM:
+def restore(fm_workdir: str, *, step: int | None = None, load_data: Callable | None = None,
+            layout=None) -> PinnedFM:
   """The FM of `fm_workdir` at `step` (None: the newest intact step).
 
   `load_data(config)` gives the dataset of the FM's config (default: `fmx.data.load` on its
-  `input` section)."""
+  `input` section). `layout` (a `fmx.train.sharding.Layout`, passed in as data: the runtime
+  does not import the trainers) restores the parameters sharded by its logical rules, whatever
+  mesh trained them, and runs the forward pass on its mesh; None puts them on one device."""
   directory = os.path.join(fm_workdir, "checkpoints")
   ckpt = checkpoint.Checkpointer(directory, read_only=True) if os.path.isdir(directory) else None
   if ckpt is None or not ckpt.steps():
@@ -104,10 +108,14 @@ def restore(fm_workdir: str, *, step: int | None = None,
     data = (load_data or (lambda cfg: data_load.load(cfg.input, "surfaces")))(c)
     model, items = build(c, data)
     built.update(config=c, model=model, items=items, data=data)
-    return {"params": checkpoint.on_one_device(
-        jax.eval_shape(lambda: init_params(c, model, items, jax.random.PRNGKey(0))))}
+    boxed = jax.eval_shape(lambda: init_params(c, model, items, jax.random.PRNGKey(0), boxed=True))
+    shapes = nn.meta.unbox(boxed)
+    if layout is None:
+      return {"params": checkpoint.on_one_device(shapes)}
+    return {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   shapes, layout.shardings(boxed))}
 
   s, items, _ = ckpt.restore(abstract, step=step)
   ckpt.close()
   return PinnedFM(built["config"], built["model"], built["items"], items["params"], s,
-                  built["data"], os.path.abspath(fm_workdir))
+                  built["data"], os.path.abspath(fm_workdir), layout)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import prometheus_client as prom
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 

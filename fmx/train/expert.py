@@ -18,7 +18,6 @@ import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -29,7 +28,7 @@ from fmx.data.source import EpochSource
 from fmx.models.embeddings import padded_vocab
 from fmx.models import expert as expert_model
 from fmx.models.foundation import probabilities
-from fmx.train import losses, metrics, reporting
+from fmx.train import losses, metrics, reporting, sharding
 from fmx.train.loop import require_finite, train_loop
 from fmx.train.state import gradient_step, init_state, make_optimizer
 
@@ -56,20 +55,17 @@ def check_store(c: ml_collections.ConfigDict) -> dict:
 
 
 
-
-def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: str,
-                  source) -> dict:
-  """Trains the expert of `surface` and returns its metrics at the selected epoch."""
-  spec = data.spec
+def make_steps(c, spec, surface, vocab, items, example_batch):
+  """(tasks, init, train_step, predict) of the expert of `surface`, pure functions, predict
+  jitted on the config's mesh; `example_batch` gives the input shapes."""
   tasks = np.flatnonzero(spec.valid[surface])
   model = expert_model.from_config(c, vocab, len(tasks))
   tx = make_optimizer(c.optimizer)
   weights = jnp.asarray(spec.weights[tasks], jnp.float32)
   kd_mask = jnp.asarray(spec.fm_tasks[tasks])
-  dummy = next(expert_examples.eval_batches(parts["fit"], 1, source))
 
   def init(rng):
-    return init_state(model.init(rng, dummy, items)["params"], tx)
+    return init_state(model.init(rng, example_batch, items)["params"], tx)
 
   def loss_fn(params, batch, rng):
     logits = model.apply({"params": params}, batch, items, train=True, rngs={"dropout": rng})
@@ -80,7 +76,18 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
   def train_step(state, batch, rng):
     return gradient_step(state, tx, loss_fn, batch, rng)
 
-  predict = jax.jit(lambda p, b: probabilities(model.apply({"params": p}, b, items)))
+  layout = sharding.Layout.of(c.mesh)
+  predict = layout.jit_eval(lambda p, b: probabilities(model.apply({"params": p}, b, items)),
+                            layout.params(init))
+  return tasks, init, train_step, predict
+
+
+def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: str,
+                  source) -> dict:
+  """Trains the expert of `surface` and returns its metrics at the selected epoch."""
+  spec = data.spec
+  tasks, init, train_step, predict = make_steps(
+      c, spec, surface, vocab, items, next(expert_examples.eval_batches(parts["fit"], 1, source)))
 
   def evaluate(params, epoch):
     out = {}

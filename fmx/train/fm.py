@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -20,14 +19,14 @@ from fmx.data import load as data_load, ranking
 from fmx.data.source import EpochSource
 from fmx.models.foundation import probabilities
 from fmx.runtime import fm as fm_runtime
-from fmx.train import losses, metrics, reporting
+from fmx.train import losses, metrics, reporting, sharding
 from fmx.train.loop import require_finite, train_loop
 from fmx.train.state import gradient_step, init_state, make_optimizer
 
 
 def make_steps(c, model, items, spec, task_mask):
-  """(init, train_step, predict) as pure functions for `model`; `task_mask` selects the tasks
-  the loss sees (the FM's tasks: never the held-out one)."""
+  """(init, train_step, predict) as pure functions for `model`, predict jitted on the config's
+  mesh; `task_mask` selects the tasks the loss sees (the FM's tasks: never the held-out one)."""
   tx = make_optimizer(c.optimizer)
   weights = jnp.asarray(spec.weights * task_mask, jnp.float32)
 
@@ -45,7 +44,8 @@ def make_steps(c, model, items, spec, task_mask):
   def predict(params, batch):
     return probabilities(model.apply({"params": params}, batch, items)[1])
 
-  return init, train_step, jax.jit(predict)
+  layout = sharding.Layout.of(c.mesh)
+  return init, train_step, layout.jit_eval(predict, layout.params(init))
 
 
 def collect(predict, params, batches) -> dict[str, np.ndarray]:

@@ -19,14 +19,13 @@ import sys
 import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from fmx import files
+from fmx import distributed, files
 from fmx.configs import common
 from fmx.runtime import checkpoint
 from fmx.train import reporting, sharding
@@ -122,7 +121,8 @@ def train_loop(c: ml_collections.ConfigDict, workdir: str, **kwargs):
   the training data. `on_batch(state, batch, position)`, if given, sees the state before each
   step (streaming jobs evaluate and publish there). One loop at a time holds `workdir` (an OS lock).
   """
-  with files.exclusive(os.path.join(workdir, ".loop.lock"), f"workdir {workdir}"):
+  with distributed.primary_only(files.exclusive(os.path.join(workdir, ".loop.lock"),
+                                                f"workdir {workdir}")):
     return _train_loop(c, workdir, **kwargs)
 
 
@@ -133,15 +133,9 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
   t0 = time.time()
   per_epoch = source.steps_per_epoch
   total = source.total_steps if source.total_steps is not None else sys.maxsize
-  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
-  rules = sharding.logical_rules(c.mesh)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(c.seed))
-  boxed = jax.eval_shape(init, init_rng)  # parameters (and their moments) with logical names
-  state_sh = sharding.tree_shardings(boxed, mesh, rules)
-  abstract = nn.meta.unbox(boxed)
-  step_fn = jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh, rules),
-                                              sharding.replicated(mesh)),
-                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  abstract, state_sh, init_fn, step_fn = sharding.compile_train(
+      init, train_step, sharding.Layout.of(c.mesh), init_rng)
   wanted = checkpoint_items(checkpoint_abstract(abstract, state_sh))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   accepted = {}
@@ -152,7 +146,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
 
   restored = ckpt.restore(check)
   if restored is None:
-    state = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=state_sh)(init_rng)
+    state = init_fn(init_rng)
     meta = {"best": None, "latest": None, "position": source.start(), "config_changes": []}
   else:
     step, items, meta = restored
@@ -210,7 +204,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
 
   bar = tqdm.tqdm(total=None if total == sys.maxsize else total, initial=step, desc=desc,
                   unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=2.0,
-                  disable=not c.progress)
+                  disable=not c.progress or not distributed.is_primary())
   epoch_t, first = time.time(), True
   with stop_requests() as stop, contextlib.closing(ckpt):
     for batch, position in (source.iterate(meta["position"]) if step < total else ()):

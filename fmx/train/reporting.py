@@ -8,14 +8,18 @@ import time
 
 import tensorboardX
 
-from fmx import files
+from fmx import distributed, files
 
 
 class RunReporter:
   """Writes one run's reports. `resume_step` rewinds them to a restored checkpoint: rows of
-  metrics.jsonl past it are dropped and TensorBoard hides events past it, so no row repeats."""
+  metrics.jsonl past it are dropped and TensorBoard hides events past it, so no row repeats.
+  In a run of several processes the primary reports; the others' reporters do nothing."""
 
   def __init__(self, workdir: str, resume_step: int = 0):
+    self.active = distributed.is_primary()
+    if not self.active:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
     self.start = time.time()
@@ -28,11 +32,15 @@ class RunReporter:
                                          purge_step=resume_step + 1 if resume_step else None)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.active:
+      return
     for k, v in values.items():
       self.tb.add_scalar(k, v, step)
 
   def evaluation(self, step: int, epoch: int, wall_s: float, metrics: dict[str, float]) -> None:
     """Appends one JSON line to metrics.jsonl and mirrors it to TensorBoard."""
+    if not self.active:
+      return
     row = {"step": step, "epoch": epoch, "wall_s": round(wall_s, 2), **metrics}
     with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
@@ -40,7 +48,8 @@ class RunReporter:
     self.tb.flush()
 
   def close(self) -> None:
-    self.tb.close()
+    if self.active:
+      self.tb.close()
 
 
 def _step(line: str) -> float:
@@ -52,9 +61,10 @@ def _step(line: str) -> float:
 
 
 def write_results(workdir: str, results: dict) -> str:
-  """Writes `workdir/results.json` atomically."""
+  """Writes `workdir/results.json` atomically (the primary process of a run writes it)."""
   path = os.path.join(workdir, "results.json")
-  files.atomic_write(path, json.dumps(results, indent=1, sort_keys=True))
+  if distributed.is_primary():
+    files.atomic_write(path, json.dumps(results, indent=1, sort_keys=True))
   return path
 
 

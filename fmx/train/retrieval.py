@@ -18,7 +18,7 @@ from fmx.data.source import EpochSource
 from fmx.models.embeddings import padded_vocab
 from fmx.models.hstu import HSTUConfig
 from fmx.models.sequential import SequentialRetrieval
-from fmx.train import losses, metrics, reporting
+from fmx.train import losses, metrics, reporting, sharding
 from fmx.train.loop import NonFiniteError, train_loop
 from fmx.train.state import TrainState, gradient_step, init_state, make_optimizer
 
@@ -119,7 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        make_optimizer(c.optimizer), data.num_items, position_norm(data, c))
   splits = ["test"] + (["valid"] if protocol == "validation" else [])
   eval_arrays = {s: seqlib.eval_arrays(data, protocol, s, n) for s in splits}
-  eval_ranks = jax.jit(task.eval_ranks)
+  layout = sharding.Layout.of(c.mesh)
+  eval_ranks = layout.jit_eval(task.eval_ranks, layout.params(task.init))
 
   def evaluate(params, epoch):
     out = {}

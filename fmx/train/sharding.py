@@ -10,13 +10,16 @@ replicated silently. A single device is a 1x1 mesh.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fmx import distributed
 from fmx.models import axes
 
 ITEM_TABLE = ("replicated", "rows", "columns")
@@ -117,3 +120,50 @@ def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a job's arrays live: the mesh of a config's `mesh` section and its logical rules."""
+
+  mesh: Mesh
+  rules: dict
+
+  @classmethod
+  def of(cls, mesh_config) -> "Layout":
+    return cls(make_mesh(mesh_config.data, mesh_config.model), logical_rules(mesh_config))
+
+  def shardings(self, boxed):
+    return tree_shardings(boxed, self.mesh, self.rules)
+
+  @property
+  def batch(self) -> NamedSharding:
+    return batch_sharding(self.mesh, self.rules)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return replicated(self.mesh)
+
+  def params(self, init: Callable):
+    """The shardings of the parameters of a train state `init(rng)` builds (boxed)."""
+    return self.shardings(jax.eval_shape(init, jax.random.PRNGKey(0))).params
+
+  def jit_eval(self, fn: Callable, param_shardings):
+    """`fn(params, batch)` jitted with parameters as trained, the batch split like training
+    batches and the outputs gathered on every device: reductions over a sharded item table
+    (ranks, scores) are merged by XLA's collectives. Host batches become global arrays."""
+    jitted = jax.jit(fn, in_shardings=(param_shardings, self.batch), out_shardings=self.replicated)
+    return lambda params, batch: jitted(params, distributed.global_batch(batch, self.batch))
+
+
+def compile_train(init: Callable, train_step: Callable, layout: Layout, rng: jax.Array):
+  """(abstract state, its shardings, jitted init, jitted step) of a job on `layout`: the state
+  placed by the logical rules, (host) batches split over `data`, the step donating its state."""
+  boxed = jax.eval_shape(init, rng)  # parameters (and their moments) with logical names
+  state_sh = layout.shardings(boxed)
+  init_fn = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sh)
+  jitted = jax.jit(train_step, in_shardings=(state_sh, layout.batch, layout.replicated),
+                   out_shardings=(state_sh, layout.replicated), donate_argnums=0)
+  step_fn = lambda state, batch, rng: jitted(state, distributed.global_batch(batch, layout.batch),
+                                             rng)
+  return nn.meta.unbox(boxed), state_sh, init_fn, step_fn

@@ -2,7 +2,6 @@
 stream that grew while the run was away is resumed at the first unseen batch."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

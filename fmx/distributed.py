@@ -1,0 +1,62 @@
+"""One run over several processes with JAX's distributed runtime (`jax.distributed`): the
+hosts of a TPU pod slice, the nodes of a GPU cluster, or (for tests) CPU processes on localhost.
+
+Every process runs the same command. Process 0, the primary, alone holds the workdir's locks and
+writes its reports and `results.json`; Orbax writes each process's shards of a checkpoint and
+commits it once. Batches are pure functions of (seed, step), so every process builds the same
+global batch and hands JAX only the rows that sit on its own devices; no process waits on
+another's input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+               detect: bool = False) -> bool:
+  """Joins the run's processes before any JAX computation; False (nothing done) for a
+  single-process run. With `coordinator_address` (host:port of process 0), `num_processes` and
+  `process_id` say who is who; with `detect`, JAX reads them from the cluster (TPU VM metadata,
+  SLURM, Open MPI)."""
+  if not coordinator_address and not detect:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; no-op on TPU/GPU
+  if coordinator_address:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id "
+                       f"< --num_processes (got {num_processes}, {process_id})")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  return True
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def primary_only(context):
+  """`context` (a lock, say) on the primary; nothing on the other processes."""
+  return context if is_primary() else contextlib.nullcontext()
+
+
+def global_batch(tree, sharding):
+  """A host batch (the same on every process) as global arrays laid out by `sharding`; each
+  process transfers only its own devices' slices. The batch itself in a one-process run."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree)
+
+
+def host_copy(tree):
+  """The whole value of every array of `tree` on this host, also of arrays sharded over
+  devices of other processes (gathered from them)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
