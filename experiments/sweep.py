@@ -308,8 +308,14 @@ def table(sweep: dict, records: list[dict]) -> tuple[list[str], list[dict]]:
 
 
 def plot(sweep: dict, workdir: str, path: str) -> bool:
-  """Each `plot` metric against epoch, one line per row (mean over seeds, a min-max band)."""
-  import matplotlib
+  """Each `plot` metric against epoch, one line per row (mean over seeds, a min-max band);
+  False, with a note, without matplotlib (`pip install -e ".[experiments]"`)."""
+  try:
+    import matplotlib
+  except ImportError:
+    print("sweep: no plot: matplotlib is not installed (pip install -e \".[experiments]\")",
+          file=sys.stderr)
+    return False
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   keys = sweep.get("plot", ())
