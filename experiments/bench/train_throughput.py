@@ -3,9 +3,10 @@
   python experiments/bench/train_throughput.py [--steps 24] [--models hstu:base,hstu:large,sasrec:base]
       [--modes defaults,official] [--out experiments/results/train_throughput.md]
 
-Two kinds of work per model, side by side:
+Kinds of work per model, side by side:
   * `defaults`: fmx's defaults (negatives per sequence, length-bucketed batches);
-  * `official`: the official code's work (negatives per position, uniform N=200 batches).
+  * `official`: the official code's work (negatives per position, uniform N=200 batches);
+  * `bf16` (asked for with --modes): the defaults with `model.compute_dtype=bfloat16`.
 Every (model, mode) row runs in a fresh subprocess, one after another, so its peak RSS is its
 own. A row times the real training step on real ML-1M batches from the same pipeline as
 `python -m fmx.main`, after compiling every shape, and reports:
@@ -29,7 +30,11 @@ import time
 
 from fmx import files
 
-MODES = {"defaults": ("per_sequence", False), "official": ("per_position", True)}
+MODES = {  # negatives, uniform batches, compute dtype
+    "defaults": ("per_sequence", False, "float32"),
+    "official": ("per_position", True, "float32"),
+    "bf16": ("per_sequence", False, "bfloat16"),
+}
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -75,7 +80,7 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   from fmx.train.state import make_optimizer
 
   c = retrieval_configs.get_config("ml-1m", encoder, variant)
-  c.loss.negatives, uniform = MODES[mode]
+  c.loss.negatives, uniform, c.model.compute_dtype = MODES[mode]
   if uniform:
     c.input.sort_chunk, c.input.length_buckets = 0, ()
   data = data_load.load(c.input, "sequences")

@@ -18,8 +18,8 @@ CARRIERS = ("none", "tae", "ue", "tae+ue")  # how an expert receives FM knowledg
 # Keys a resumed run may change freely: how long, how often, where and how verbosely it runs.
 # Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint_every_steps",
-                     "resume_anyway", "evals.", "mesh.", "input.data_dir", "input.manual_dir",
-                     "input.fetch_wheel", "baseline.", "tae.store", "surfaces", "stream.log_dir",
+                     "resume_anyway", "evals.", "mesh.", "model.compute_dtype", "input.data_dir",
+                     "input.manual_dir", "input.fetch_wheel", "baseline.", "tae.store", "surfaces", "stream.log_dir",
                      "stream.snapshots", "stream.store", "stream.poll_seconds",
                      "stream.idle_seconds", "stream.follow", "stream.keep_versions",
                      "stream.full_every")  # not stream.publish_every: it defines the versions
@@ -101,6 +101,9 @@ def check(c: ml_collections.ConfigDict) -> None:
   v = flat.get("user_fraction")
   if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
     raise ConfigError(f"--config.user_fraction={v!r}: expected a fraction in (0, 1]")
+  v = flat.get("model.compute_dtype")
+  if v is not None and v not in ("float32", "bfloat16"):
+    raise ConfigError(f"--config.model.compute_dtype={v!r}: expected 'float32' or 'bfloat16'")
   for key in ("optimizer.lr", "loss.temperature", "model.dropout"):
     v = flat.get(key)
     if v is not None and not (isinstance(v, (int, float)) and v == v and abs(v) != float("inf")):

@@ -49,7 +49,7 @@ def get_config(dataset: str, arg: str | None, fm_workdir: str) -> ml_collections
   # (python experiments/bench/expert_cost.py, whose expert defaults are these)
   c.model = ml_collections.ConfigDict(dict(carrier="none" if carrier == "kd" else carrier,
                                            dim=24, num_layers=1, num_heads=1, dqk=24, dv=24,
-                                           dropout=0.2))
+                                           dropout=0.2, compute_dtype="float32"))
   c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.0,
                                                warmup_steps=0))
   c.evals = ml_collections.ConfigDict(dict(every_epochs=1, every_steps=0, batch_size=1024,

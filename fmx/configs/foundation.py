@@ -45,6 +45,7 @@ def get_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
   c.model.scale_len = 0  # 0: N
   c.model.use_rab = True
   c.model.attention_impl = "auto"
+  c.model.compute_dtype = "float32"  # or "bfloat16": activations and matmuls (f32 master weights)
   c.model.head_dim = 64  # MTML head hidden width
 
   c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.0,

@@ -47,6 +47,7 @@ def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.Co
   c.model.scale_len = 0  # 1/scale_len normaliser; 0 means N (the official choice)
   c.model.use_rab = True  # relative position + time attention bias
   c.model.attention_impl = "auto"  # kernels.hstu_attention impl
+  c.model.compute_dtype = "float32"  # or "bfloat16": activations and matmuls (f32 master weights)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.num_negatives = 128  # uniform negatives

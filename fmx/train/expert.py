@@ -74,7 +74,7 @@ def make_steps(c, spec, surface, vocab, items, example_batch):
     return loss, {"kd": kd, **{f"bce/{spec.tasks[t]}": per_task[i] for i, t in enumerate(tasks)}}
 
   def train_step(state, batch, rng):
-    return gradient_step(state, tx, loss_fn, batch, rng)
+    return gradient_step(state, tx, loss_fn, batch, rng, c.model.compute_dtype)
 
   layout = sharding.Layout.of(c.mesh)
   predict = layout.jit_eval(lambda p, b: probabilities(model.apply({"params": p}, b, items)),

@@ -39,7 +39,7 @@ def make_steps(c, model, items, spec, task_mask):
     return loss, {f"bce/{name}": per_task[i] for i, name in enumerate(spec.tasks)}
 
   def train_step(state, batch, rng):
-    return gradient_step(state, tx, loss_fn, batch, rng)
+    return gradient_step(state, tx, loss_fn, batch, rng, c.model.compute_dtype)
 
   def predict(params, batch):
     return probabilities(model.apply({"params": params}, batch, items)[1])

@@ -29,6 +29,7 @@ def sampled_softmax(query: jax.Array, table: jax.Array, pos_ids: jax.Array, neg_
     neg_ids: `[B, N, K]` (per position), `[B, K]` (per sequence) or `[K]` (per batch) rows of
       `table`. A negative equal to the positive (an accidental hit) is excluded.
   """
+  query, table = query.astype(jnp.float32), table.astype(jnp.float32)  # f32 whatever computed them
   pos_logit = jnp.sum(query * jnp.take(table, pos_ids, axis=0), axis=-1) / temperature  # [B, N]
   if neg_ids.ndim == 3:
     neg_logit, nid = gathered_logits(query, table, neg_ids), neg_ids
@@ -103,7 +104,7 @@ def mtml_bce(logits: jax.Array, labels: jax.Array, valid: jax.Array, weights: ja
   where a task is invalid contributes exactly zero loss and zero gradient to it. Returns
   (loss, per-task mean BCE `[num_tasks]`).
   """
-  valid = valid.astype(jnp.float32)
+  valid, logits = valid.astype(jnp.float32), logits.astype(jnp.float32)
   safe = jnp.where(valid > 0, logits, 0.0)  # no gradient path through invalid entries
   bce = optax.sigmoid_binary_cross_entropy(safe, labels.astype(jnp.float32)) * valid
   axes = tuple(range(logits.ndim - 1))

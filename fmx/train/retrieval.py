@@ -69,7 +69,7 @@ class RetrievalTask:
                                   c.temperature, self.position_norm), {}
 
   def train_step(self, state: TrainState, batch, rng):
-    return gradient_step(state, self.tx, self.loss, batch, rng)
+    return gradient_step(state, self.tx, self.loss, batch, rng, self.config.model.compute_dtype)
 
   def scores(self, params, batch):
     """`[B, V]` cosine scores of every item against the last history position."""

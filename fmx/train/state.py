@@ -6,8 +6,11 @@ from typing import Any, Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @flax.struct.dataclass
@@ -27,13 +30,25 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params))
 
 
+def cast_floats(params, dtype: str):
+  """`params` with every floating-point leaf in `dtype` (a name from COMPUTE_DTYPES)."""
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model.compute_dtype={dtype!r}: expected one of {COMPUTE_DTYPES}")
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                      params)
+
+
 def gradient_step(state: TrainState, tx: optax.GradientTransformation, loss_fn: Callable,
-                  batch, rng: jax.Array) -> tuple[TrainState, dict]:
+                  batch, rng: jax.Array, compute_dtype: str = "float32") -> tuple[TrainState, dict]:
   """One AdamW step on `loss_fn(params, batch, rng) -> (loss, {name: scalar})`; the dropout
   and sampling key is `rng` folded with the step, so a resumed run draws the same keys.
+  `compute_dtype="bfloat16"` runs the model on a bfloat16 copy of the parameters (activations
+  and matmuls in bfloat16; the losses take their inputs in float32), while the gradients, the
+  optimizer and the master weights stay float32.
   Returns the new state and the scalars (loss, grad_norm and the loss's own)."""
   rng = jax.random.fold_in(rng, state.step)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+  compute = lambda p, b, r: loss_fn(cast_floats(p, compute_dtype), b, r)
+  (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return TrainState(state.step + 1, params, opt_state), {
