@@ -43,6 +43,10 @@ def run(*args, env=None):
      "'../v1'"),
     (["--config=fmx/configs/logging_tier.py:synthetic", "--config.fm_workdir=/nonexistent"],
      "no FM checkpoint in /nonexistent/checkpoints: train the FM first"),
+    ([RUNLOCAL, "--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+     "cannot join the run's processes: --coordinator_address needs"),
+    ([RUNLOCAL, "--config.model.compute_dtype=float16"],
+     "--config.model.compute_dtype='float16': expected 'float32' or 'bfloat16'"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
   p = run(*args, f"--workdir={tmp_path / 'w'}")
