@@ -19,6 +19,9 @@ def padded_vocab(num_items: int, shards: int = 1) -> int:
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """`x` over its last axis' L2 norm, in float32 at least: the unit vectors feed logits divided
+  by a small temperature, which would magnify bfloat16's rounding."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
