@@ -14,6 +14,7 @@ DEFAULT_DATA_DIR = os.environ.get("FMX_DATA_DIR", "~/.cache/fmx/tfds")  # TFDS d
 DEFAULT_MANUAL_DIR = os.environ.get("FMX_MANUAL_DIR", "~/.cache/fmx/raw")  # raw sources
 
 CARRIERS = ("none", "tae", "ue", "tae+ue")  # how an expert receives FM knowledge
+COMPUTE_DTYPES = ("float32", "bfloat16")  # model.compute_dtype (fmx.train.state.gradient_step)
 
 # Keys a resumed run may change freely: how long, how often, where and how verbosely it runs.
 # Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
@@ -102,7 +103,7 @@ def check(c: ml_collections.ConfigDict) -> None:
   if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
     raise ConfigError(f"--config.user_fraction={v!r}: expected a fraction in (0, 1]")
   v = flat.get("model.compute_dtype")
-  if v is not None and v not in ("float32", "bfloat16"):
+  if v is not None and v not in COMPUTE_DTYPES:
     raise ConfigError(f"--config.model.compute_dtype={v!r}: expected 'float32' or 'bfloat16'")
   for key in ("optimizer.lr", "loss.temperature", "model.dropout"):
     v = flat.get(key)

@@ -120,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return total, aux
 
   def train_step(state, batch, rng):
-    return gradient_step(state, tx, loss_fn, batch, rng)
+    return gradient_step(state, tx, loss_fn, batch, rng, c.model.compute_dtype)
 
   predict = jax.jit(lambda p, b: jax.tree.map(jax.nn.sigmoid,  # the heads' probabilities
                                               apply_all(models, items, follow, p, b)))

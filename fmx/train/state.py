@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+from fmx.configs.common import COMPUTE_DTYPES
 
 
 @flax.struct.dataclass
