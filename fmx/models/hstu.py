@@ -76,8 +76,10 @@ def relative_bias(pos_w: jax.Array, ts_w: jax.Array, rel: jax.Array, buckets: ja
   The gradient is written out because the one JAX derives is slow on CPU: it sums the position
   part over the batch with a major-axis reduction (here a matmul with ones, 50x faster) and
   scatters into each table (here a segment sum over the flattened index, 3x faster).
+  `buckets` must lie in `[0, len(ts_w))`, as `time_buckets` makes them: the time table is read
+  and written without bounds checks (2x faster).
   """
-  return jnp.take(pos_w, rel) + jnp.take(ts_w, buckets)
+  return jnp.take(pos_w, rel) + ts_w.at[buckets].get(mode="promise_in_bounds")
 
 
 def _relative_bias_fwd(pos_w, ts_w, rel, buckets):
@@ -90,7 +92,7 @@ def _relative_bias_bwd(residuals, g):
   if rel.shape[0] == 1 and g.shape[0] > 1:  # the position table is shared by the batch
     g_pos = (jnp.ones((1, g.shape[0]), g.dtype) @ g.reshape(g.shape[0], -1)).reshape(rel.shape)
   d_pos = jax.ops.segment_sum(g_pos.reshape(-1), rel.reshape(-1), pos_rows)
-  d_ts = jax.ops.segment_sum(g.reshape(-1), buckets.reshape(-1), ts_rows)
+  d_ts = jax.ops.segment_sum(g.reshape(-1), buckets.reshape(-1), ts_rows, mode="promise_in_bounds")
   return d_pos, d_ts, None, None
 
 

@@ -32,7 +32,7 @@ def sampled_softmax(query: jax.Array, table: jax.Array, pos_ids: jax.Array, neg_
   query, table = query.astype(jnp.float32), table.astype(jnp.float32)  # f32 whatever computed them
   pos_logit = jnp.sum(query * jnp.take(table, pos_ids, axis=0), axis=-1) / temperature  # [B, N]
   if neg_ids.ndim == 3:
-    neg_logit, nid = gathered_logits(query, table, neg_ids), neg_ids
+    neg_logit, nid = gathered_logits(query, table, neg_ids, weights > 0), neg_ids
   elif neg_ids.ndim == 2:
     neg_logit = jnp.einsum("bnd,bkd->bnk", query, jnp.take(table, neg_ids, axis=0))
     nid = neg_ids[:, None, :]
@@ -50,48 +50,73 @@ _LOGIT_ROWS = 256  # query rows per chunk of `gathered_logits`: a [256, V] block
 
 
 @jax.custom_vjp
-def gathered_logits(query: jax.Array, table: jax.Array, ids: jax.Array) -> jax.Array:
-  """`out[..., k] = query[...] . table[ids[..., k]]` (query `[..., d]`, ids `[..., K]`).
+def gathered_logits(query: jax.Array, table: jax.Array, ids: jax.Array,
+                    keep: jax.Array) -> jax.Array:
+  """`out[..., k] = query[...] . table[ids[..., k]]` where `keep[...]`, else 0 (query `[..., d]`,
+  ids `[..., K]`, keep `[...]` bool). Rows not kept are neither computed nor given a gradient:
+  pass the positions whose loss weight is zero (padding).
 
   Equal to gathering `table[ids]` and taking dot products, without the `[..., K, d]` gathered
   copy (655 MB for ML-1M's official per-position negatives) and its scatter-add gradient, both
-  memory-bound. Chunks of query rows are scored against the whole table by a matmul and the
-  sampled columns picked from the block; the backward pass scatters the logits' gradient into
-  the block and returns to the query and the table with two matmuls.
+  memory-bound. The kept rows are moved to the front; chunks of them are scored against the
+  whole table by a matmul and the sampled columns picked from the block, in a loop that stops
+  after the last kept row. The backward pass scatters the logits' gradient into the block and
+  returns to the query and the table with two matmuls.
   """
-  return _gathered_logits_fwd(query, table, ids)[0]
+  return _gathered_logits_fwd(query, table, ids, keep)[0]
 
 
-def _chunks(x, rows: int):
-  """`[P, ...]` -> `[P / rows, rows, ...]`, zero-padded."""
-  pad = -x.shape[0] % rows
-  x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
-  return x.reshape((-1, rows) + x.shape[1:])
+def _kept_first(keep):
+  """(order, inverse, chunks): the rows' order with kept rows first (stable), its inverse, and
+  the number of `_LOGIT_ROWS` chunks that hold every kept row."""
+  keep = keep.reshape(-1)
+  order = jnp.argsort(~keep, stable=True)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  chunks = (jnp.sum(keep, dtype=jnp.int32) + _LOGIT_ROWS - 1) // _LOGIT_ROWS
+  return order, inverse, chunks
 
 
-def _gathered_logits_fwd(query, table, ids):
-  lead, d, k = query.shape[:-1], query.shape[-1], ids.shape[-1]
-  q, i = query.reshape(-1, d), ids.reshape(-1, k)
-  pick = lambda qi: jnp.take_along_axis(qi[0] @ table.T, qi[1], axis=1)
-  out = jax.lax.map(pick, (_chunks(q, _LOGIT_ROWS), _chunks(i, _LOGIT_ROWS)))
-  return out.reshape(-1, k)[: q.shape[0]].reshape(lead + (k,)), (query, table, ids)
+def _rows(x, order):
+  """`x[order]` flattened to `[P, last]`, zero-padded to whole `_LOGIT_ROWS` chunks."""
+  x = x.reshape(-1, x.shape[-1])[order]
+  return jnp.pad(x, ((0, -x.shape[0] % _LOGIT_ROWS), (0, 0)))
+
+
+def _chunk(x, c):
+  return jax.lax.dynamic_slice_in_dim(x, c * _LOGIT_ROWS, _LOGIT_ROWS)
+
+
+def _gathered_logits_fwd(query, table, ids, keep):
+  order, inverse, chunks = _kept_first(keep)
+  q, i = _rows(query, order), _rows(ids, order)
+
+  def body(c, out):
+    block = jnp.take_along_axis(_chunk(q, c) @ table.T, _chunk(i, c), axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(out, block, c * _LOGIT_ROWS, 0)
+
+  out = jax.lax.fori_loop(0, chunks, body, jnp.zeros(i.shape, query.dtype))
+  out = out[inverse].reshape(ids.shape)
+  return jnp.where(keep[..., None], out, 0.0), (query, table, ids, keep)
 
 
 def _gathered_logits_bwd(residuals, g):
-  query, table, ids = residuals
-  d, k = query.shape[-1], ids.shape[-1]
-  q, i, gk = query.reshape(-1, d), ids.reshape(-1, k), g.reshape(-1, k)
+  query, table, ids, keep = residuals
+  order, inverse, chunks = _kept_first(keep)
+  g = jnp.where(keep[..., None], g, 0.0)  # a partial last chunk holds rows not kept
+  q, i, gk = _rows(query, order), _rows(ids, order), _rows(g, order)
   rows = jnp.arange(_LOGIT_ROWS)[:, None]
 
-  def chunk(dtable, qig):
-    qc, ic, gc = qig
-    dense = jnp.zeros((_LOGIT_ROWS, table.shape[0]), gc.dtype).at[rows, ic].add(gc)
-    return dtable + dense.T @ qc, dense @ table
+  def body(c, carry):
+    dtable, dq = carry
+    qc = _chunk(q, c)
+    dense = jnp.zeros((_LOGIT_ROWS, table.shape[0]), g.dtype).at[rows, _chunk(i, c)].add(
+        _chunk(gk, c))
+    dq = jax.lax.dynamic_update_slice_in_dim(dq, dense @ table, c * _LOGIT_ROWS, 0)
+    return dtable + dense.T @ qc, dq
 
-  dtable, dq = jax.lax.scan(chunk, jnp.zeros(table.shape, table.dtype),
-                            (_chunks(q, _LOGIT_ROWS), _chunks(i, _LOGIT_ROWS),
-                             _chunks(gk, _LOGIT_ROWS)))
-  return dq.reshape(-1, d)[: q.shape[0]].reshape(query.shape), dtable, None
+  dtable, dq = jax.lax.fori_loop(0, chunks, body, (jnp.zeros_like(table), jnp.zeros_like(q)))
+  dq = jnp.where(keep[..., None], dq[inverse].reshape(query.shape), 0.0)
+  return dq, dtable, None, None
 
 
 gathered_logits.defvjp(_gathered_logits_fwd, _gathered_logits_bwd)

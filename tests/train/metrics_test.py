@@ -85,6 +85,29 @@ def test_sampled_softmax_equals_gathered_vectors(sharing):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kept", [0, 256, 517, 900])
+def test_gathered_logits_computes_only_kept_rows(kept):
+  """Kept rows (scattered, any count: none, whole chunks, a tail, all) equal the dot products
+  of gathered rows, with the same gradients; the others are 0 and get no gradient."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(3, 300, 8)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 40, (3, 300, 5)))
+  keep = jnp.asarray(rng.permutation(900) < kept).reshape(3, 300)
+  cot = jnp.asarray(rng.normal(size=(3, 300, 5)), jnp.float32)
+  plain = lambda q, t: jnp.where(keep[..., None], jnp.einsum("bnd,bnkd->bnk", q, t[ids]), 0.0)
+  fast = lambda q, t: losses.gathered_logits(q, t, ids, keep)
+  np.testing.assert_allclose(fast(q, table), plain(q, table), rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(fast(q, table))[~np.asarray(keep)])
+  for f in (fast, plain):
+    grads = jax.grad(lambda q, t: jnp.sum(f(q, t) * cot), (0, 1))(q, table)
+    if f is fast:
+      got = grads
+    else:
+      for a, b in zip(got, grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_normalized_entropy_hand_computed():
   p, y = np.array([0.8, 0.3, 0.6, 0.1]), np.array([1, 0, 1, 0])
   logloss = -(np.log(0.8) + np.log(0.7) + np.log(0.6) + np.log(0.9)) / 4
