@@ -6,6 +6,8 @@
 Kinds of work per model, side by side:
   * `defaults`: fmx's defaults (negatives per sequence, length-bucketed batches);
   * `official`: the official code's work (negatives per position, uniform N=200 batches);
+  * `grouped` (asked for with --modes): the official work in uniform batches whose rows, sorted
+    by length, run in two groups each cut to its length bucket (`input.row_groups=2`);
   * `bf16` (asked for with --modes): the defaults with `model.compute_dtype=bfloat16`.
 Every (model, mode) row runs in a fresh subprocess, one after another, so its peak RSS is its
 own. A row times the real training step on real ML-1M batches from the same pipeline as
@@ -30,10 +32,12 @@ import time
 
 from fmx import files
 
-MODES = {  # negatives, uniform batches, compute dtype
-    "defaults": ("per_sequence", False, "float32"),
-    "official": ("per_position", True, "float32"),
-    "bf16": ("per_sequence", False, "bfloat16"),
+_OFFICIAL = {"loss.negatives": "per_position", "input.sort_chunk": 0}
+MODES = {  # config overrides of each kind of work
+    "defaults": {},
+    "official": {**_OFFICIAL, "input.length_buckets": ()},
+    "grouped": {**_OFFICIAL, "input.row_groups": 2},
+    "bf16": {"model.compute_dtype": "bfloat16"},
 }
 
 
@@ -80,13 +84,12 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   from fmx.train.state import make_optimizer
 
   c = retrieval_configs.get_config("ml-1m", encoder, variant)
-  c.loss.negatives, uniform, c.model.compute_dtype = MODES[mode]
-  if uniform:
-    c.input.sort_chunk, c.input.length_buckets = 0, ()
+  c.update_from_flattened_dict(MODES[mode])
   data = data_load.load(c.input, "sequences")
   n, bs = c.input.max_len, c.input.batch_size
   ds, steps_per_epoch = seqlib.train_batches(data, c.input.protocol, n, bs, c.seed, 1,
-                                             tuple(c.input.length_buckets), c.input.sort_chunk)
+                                             tuple(c.input.length_buckets), c.input.sort_chunk,
+                                             c.input.row_groups)
   steps = min(steps, steps_per_epoch)
   task = retrieval.RetrievalTask(c, retrieval.build_model(c.model, padded_vocab(data.num_items)),
                                  make_optimizer(c.optimizer), data.num_items,
@@ -95,10 +98,12 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   batches = [ds[i] for i in range(steps)]
   step = jax.jit(task.train_step, donate_argnums=0)
   rng = jax.random.PRNGKey(1)
+  groups = lambda b: b.get("groups", [b])
+  shape = lambda b: tuple(g["ids"].shape[1] for g in groups(b))
   seen = set()
   for b in batches:  # compile (and warm) every shape once
-    if b["ids"].shape[1] not in seen:
-      seen.add(b["ids"].shape[1])
+    if shape(b) not in seen:
+      seen.add(shape(b))
       state, m = step(state, b, rng)
   jax.block_until_ready(m)
   t = time.perf_counter()
@@ -106,7 +111,7 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
     state, m = step(state, b, rng)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t
-  lengths = np.concatenate([b["lengths"] for b in batches])
+  lengths = np.concatenate([g["lengths"] for b in batches for g in groups(b)])
   flops = useful_flops(c.model, lengths, c.loss.num_negatives)
 
   arrays = seqlib.eval_arrays(data, c.input.protocol, "test", n)

@@ -54,9 +54,10 @@ def add_run_fields(c: ml_collections.ConfigDict, *, job: str, seed: int, num_epo
 
 POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_size",
             "evals.every_epochs", "input.max_len", "input.max_history", "input.num_candidates",
-            "input.windows_per_user", "input.short_len", "model.dim", "model.num_layers",
-            "model.num_heads", "model.dqk", "model.dv", "model.max_len", "loss.num_negatives",
-            "baseline.num_epochs", "batch_size", "stream.publish_every", "stream.full_every",
+            "input.windows_per_user", "input.short_len", "input.row_groups", "model.dim",
+            "model.num_layers", "model.num_heads", "model.dqk", "model.dv", "model.max_len",
+            "loss.num_negatives", "baseline.num_epochs", "batch_size", "stream.publish_every",
+            "stream.full_every",
             "stream.keep_versions", "window_seconds", "batches_per_shard",
             "stream.update_every", "drift.rows", "drift.permutations")
 NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step",
@@ -102,6 +103,10 @@ def check(c: ml_collections.ConfigDict) -> None:
   v = flat.get("user_fraction")
   if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
     raise ConfigError(f"--config.user_fraction={v!r}: expected a fraction in (0, 1]")
+  groups, rows = flat.get("input.row_groups"), flat.get("input.batch_size")
+  if isinstance(groups, int) and isinstance(rows, int) and groups >= 1 and rows % groups:
+    raise ConfigError(f"--config.input.row_groups={groups}: expected a divisor of "
+                      f"input.batch_size={rows}")
   v = flat.get("model.compute_dtype")
   if v is not None and v not in COMPUTE_DTYPES:
     raise ConfigError(f"--config.model.compute_dtype={v!r}: expected 'float32' or 'bfloat16'")

@@ -104,13 +104,17 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
 
 def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: int,
                   seed: int, num_epochs: int, length_buckets: tuple[int, ...] = (),
-                  sort_chunk: int = 0) -> tuple[grain.MapDataset, int]:
+                  sort_chunk: int = 0, row_groups: int = 1) -> tuple[grain.MapDataset, int]:
   """Indexable dataset of training batches over `num_epochs` and the number of steps per epoch.
 
   Every epoch holds every user once in a fresh seeded order, padded with empty (zero-weight)
   examples to a whole number of batches, so batch `s` is a pure function of (seed, s): a
   resumed run continues at the exact stream position. With `length_buckets`, each batch's time
-  axis is cut to the smallest bucket that fits it (see `epoch_order` for `sort_chunk`).
+  axis is cut to the smallest bucket that fits it (see `epoch_order` for `sort_chunk`). With
+  `row_groups > 1`, a batch is `{"groups": [...]}`: its rows sorted by length and split into
+  that many equal groups, each cut to its own bucket, so the short half of a uniform batch
+  does not pay for the long half's padding; `rows` holds each row's place in the batch (same
+  users, same loss; see `RetrievalTask.loss`).
   """
   cuts = train_cut(data, protocol)
   users = [u for u in range(data.num_users) if cuts[u] >= 2]
@@ -127,7 +131,11 @@ def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: 
     rows = [empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
             for u in slots[order(epoch)[step]]]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    return trim(batch, tuple(length_buckets), max_len)
+    if row_groups == 1:
+      return trim(batch, tuple(length_buckets), max_len)
+    groups = np.split(np.argsort(batch["lengths"], kind="stable"), row_groups)
+    return {"groups": [trim({**{k: v[g] for k, v in batch.items()}, "rows": g.astype(np.int32)},
+                            tuple(length_buckets), max_len) for g in groups]}
 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 

@@ -55,18 +55,31 @@ class RetrievalTask:
     return init_state(params, self.tx)
 
   def loss(self, params, batch, rng):
+    """Sampled softmax over a batch, or over its row groups (`input.row_groups`) together: one
+    mean over every real position of the batch, and every row scored against the negatives it
+    would draw in the ungrouped batch (`rows`: its place there)."""
     c = self.config.loss
-    b, n = batch["ids"].shape
-    drop_rng, neg_rng = jax.random.split(rng)
-    query = self.model.apply({"params": params}, batch["ids"], batch["lengths"],
-                             batch["timestamps"], batch["query_times"], train=True,
-                             rngs={"dropout": drop_rng})
-    neg_ids = jax.random.randint(neg_rng, losses.negative_shape(c.negatives, b, n, c.num_negatives),
-                                 1, self.num_items + 1)
+    groups = batch.get("groups", [batch])
     table = self.model.apply({"params": params}, method="item_embeddings")  # normalised once
-    weights = (jnp.arange(n)[None, :] < batch["lengths"][:, None]).astype(jnp.float32)
-    return losses.sampled_softmax(query, table, batch["targets"], neg_ids, weights,
-                                  c.temperature, self.position_norm), {}
+    drop_rng, neg_rng = jax.random.split(rng)
+    rows, n = sum(g["ids"].shape[0] for g in groups), max(g["ids"].shape[1] for g in groups)
+    neg_ids = jax.random.randint(neg_rng, losses.negative_shape(c.negatives, rows, n,
+                                                                c.num_negatives),
+                                 1, self.num_items + 1)
+    weights = [(jnp.arange(g["ids"].shape[1])[None, :] < g["lengths"][:, None]).astype(jnp.float32)
+               for g in groups]
+    norm = self.position_norm or sum(jnp.sum(w) for w in weights)
+    loss = 0.0
+    for i, (g, w) in enumerate(zip(groups, weights)):
+      query = self.model.apply({"params": params}, g["ids"], g["lengths"], g["timestamps"],
+                               g["query_times"], train=True,
+                               rngs={"dropout": jax.random.fold_in(drop_rng, i) if i else drop_rng})
+      negs = neg_ids
+      if "rows" in g and neg_ids.ndim > 1:
+        negs = neg_ids[g["rows"]]
+        negs = negs[:, :g["ids"].shape[1]] if negs.ndim == 3 else negs
+      loss += losses.sampled_softmax(query, table, g["targets"], negs, w, c.temperature, norm)
+    return loss, {}
 
   def train_step(self, state: TrainState, batch, rng):
     return gradient_step(state, self.tx, self.loss, batch, rng, self.config.model.compute_dtype)
@@ -113,7 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ks = tuple(c.evals.ks)
   buckets = tuple(c.input.length_buckets)
   batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
-                                                  c.num_epochs, buckets, c.input.sort_chunk)
+                                                  c.num_epochs, buckets, c.input.sort_chunk,
+                                                  c.input.row_groups)
   vocab = padded_vocab(data.num_items, c.mesh.model)
   task = RetrievalTask(c, build_model(c.model, vocab),
                        make_optimizer(c.optimizer), data.num_items, position_norm(data, c))
