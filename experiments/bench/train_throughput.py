@@ -98,8 +98,7 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   batches = [ds[i] for i in range(steps)]
   step = jax.jit(task.train_step, donate_argnums=0)
   rng = jax.random.PRNGKey(1)
-  groups = lambda b: b.get("groups", [b])
-  shape = lambda b: tuple(g["ids"].shape[1] for g in groups(b))
+  shape = lambda b: tuple(g["ids"].shape[1] for g in seqlib.row_groups(b))
   seen = set()
   for b in batches:  # compile (and warm) every shape once
     if shape(b) not in seen:
@@ -111,7 +110,7 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
     state, m = step(state, b, rng)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t
-  lengths = np.concatenate([g["lengths"] for b in batches for g in groups(b)])
+  lengths = np.concatenate([g["lengths"] for b in batches for g in seqlib.row_groups(b)])
   flops = useful_flops(c.model, lengths, c.loss.num_negatives)
 
   arrays = seqlib.eval_arrays(data, c.input.protocol, "test", n)

@@ -19,8 +19,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")  # model.compute_dtype (fmx.train.state
 # Keys a resumed run may change freely: how long, how often, where and how verbosely it runs.
 # Any other difference from the checkpoint's config needs `resume_anyway` (shapes never resume).
 RESUMABLE_CHANGES = ("num_epochs", "progress", "log_every_steps", "checkpoint_every_steps",
-                     "resume_anyway", "evals.", "mesh.", "model.compute_dtype", "input.data_dir",
-                     "input.manual_dir", "input.fetch_wheel", "baseline.", "tae.store", "surfaces", "stream.log_dir",
+                     "resume_anyway", "evals.", "mesh.", "model.compute_dtype", "input.row_groups",
+                     "input.data_dir", "input.manual_dir", "input.fetch_wheel", "baseline.",
+                     "tae.store", "surfaces", "stream.log_dir",
                      "stream.snapshots", "stream.store", "stream.poll_seconds",
                      "stream.idle_seconds", "stream.follow", "stream.keep_versions",
                      "stream.full_every")  # not stream.publish_every: it defines the versions
@@ -57,8 +58,7 @@ POSITIVE = ("num_epochs", "log_every_steps", "input.batch_size", "evals.batch_si
             "input.windows_per_user", "input.short_len", "input.row_groups", "model.dim",
             "model.num_layers", "model.num_heads", "model.dqk", "model.dv", "model.max_len",
             "loss.num_negatives", "baseline.num_epochs", "batch_size", "stream.publish_every",
-            "stream.full_every",
-            "stream.keep_versions", "window_seconds", "batches_per_shard",
+            "stream.full_every", "stream.keep_versions", "window_seconds", "batches_per_shard",
             "stream.update_every", "drift.rows", "drift.permutations")
 NON_NEGATIVE = ("checkpoint_every_steps", "evals.every_steps", "optimizer.warmup_steps", "fm_step",
                 "max_windows", "max_restarts", "stream.start_window", "start_window", "end_window")
@@ -107,6 +107,9 @@ def check(c: ml_collections.ConfigDict) -> None:
   if isinstance(groups, int) and isinstance(rows, int) and groups >= 1 and rows % groups:
     raise ConfigError(f"--config.input.row_groups={groups}: expected a divisor of "
                       f"input.batch_size={rows}")
+  if isinstance(groups, int) and groups > 1 and not flat.get("input.length_buckets"):
+    raise ConfigError(f"--config.input.row_groups={groups} cuts each group to a length bucket; "
+                      "set input.length_buckets (for example the default (32, 64, 96, 128, 160))")
   v = flat.get("model.compute_dtype")
   if v is not None and v not in COMPUTE_DTYPES:
     raise ConfigError(f"--config.model.compute_dtype={v!r}: expected 'float32' or 'bfloat16'")

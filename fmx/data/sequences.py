@@ -140,6 +140,11 @@ def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 
 
+def row_groups(batch: dict) -> list[dict]:
+  """The row groups of a training batch (see `train_batches`): itself if it has none."""
+  return batch.get("groups", [batch])
+
+
 def eval_arrays(data: UserSequences, protocol: str, split: str, max_len: int) -> dict[str, np.ndarray]:
   """Every user's last `max_len` items before the `split` target ("test" | "valid"), the target,
   and the full pre-target history (`seen`, for excluding already-consumed items)."""

@@ -94,29 +94,27 @@ def _gathered_logits_fwd(query, table, ids, keep):
     block = jnp.take_along_axis(_chunk(q, c) @ table.T, _chunk(i, c), axis=1)
     return jax.lax.dynamic_update_slice_in_dim(out, block, c * _LOGIT_ROWS, 0)
 
-  out = jax.lax.fori_loop(0, chunks, body, jnp.zeros(i.shape, query.dtype))
-  out = out[inverse].reshape(ids.shape)
-  return jnp.where(keep[..., None], out, 0.0), (query, table, ids, keep)
+  out = jax.lax.fori_loop(0, chunks, body, jnp.zeros(i.shape, jnp.result_type(query, table)))
+  out = jnp.where(keep[..., None], out[inverse].reshape(ids.shape), 0.0)  # rows not kept
+  return out, (q, i, table, keep, order, inverse, chunks)
 
 
 def _gathered_logits_bwd(residuals, g):
-  query, table, ids, keep = residuals
-  order, inverse, chunks = _kept_first(keep)
+  q, i, table, keep, order, inverse, chunks = residuals
   g = jnp.where(keep[..., None], g, 0.0)  # a partial last chunk holds rows not kept
-  q, i, gk = _rows(query, order), _rows(ids, order), _rows(g, order)
+  gk = _rows(g, order)
   rows = jnp.arange(_LOGIT_ROWS)[:, None]
 
   def body(c, carry):
     dtable, dq = carry
-    qc = _chunk(q, c)
     dense = jnp.zeros((_LOGIT_ROWS, table.shape[0]), g.dtype).at[rows, _chunk(i, c)].add(
         _chunk(gk, c))
     dq = jax.lax.dynamic_update_slice_in_dim(dq, dense @ table, c * _LOGIT_ROWS, 0)
-    return dtable + dense.T @ qc, dq
+    return dtable + dense.T @ _chunk(q, c), dq
 
   dtable, dq = jax.lax.fori_loop(0, chunks, body, (jnp.zeros_like(table), jnp.zeros_like(q)))
-  dq = jnp.where(keep[..., None], dq[inverse].reshape(query.shape), 0.0)
-  return dq, dtable, None, None
+  dq = dq[inverse].reshape(keep.shape + q.shape[-1:])  # rows not kept: zero (g was)
+  return dq.astype(q.dtype), dtable.astype(table.dtype), None, None
 
 
 gathered_logits.defvjp(_gathered_logits_fwd, _gathered_logits_bwd)

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fmx.configs import common
 from fmx.data import load as data_load, sequences as seqlib
 from fmx.data.source import EpochSource
 from fmx.models.embeddings import padded_vocab
@@ -59,12 +60,11 @@ class RetrievalTask:
     mean over every real position of the batch, and every row scored against the negatives it
     would draw in the ungrouped batch (`rows`: its place there)."""
     c = self.config.loss
-    groups = batch.get("groups", [batch])
+    groups = seqlib.row_groups(batch)
     table = self.model.apply({"params": params}, method="item_embeddings")  # normalised once
     drop_rng, neg_rng = jax.random.split(rng)
-    rows, n = sum(g["ids"].shape[0] for g in groups), max(g["ids"].shape[1] for g in groups)
-    neg_ids = jax.random.randint(neg_rng, losses.negative_shape(c.negatives, rows, n,
-                                                                c.num_negatives),
+    b, n = sum(g["ids"].shape[0] for g in groups), max(g["ids"].shape[1] for g in groups)
+    neg_ids = jax.random.randint(neg_rng, losses.negative_shape(c.negatives, b, n, c.num_negatives),
                                  1, self.num_items + 1)
     weights = [(jnp.arange(g["ids"].shape[1])[None, :] < g["lengths"][:, None]).astype(jnp.float32)
                for g in groups]
@@ -134,6 +134,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   splits = ["test"] + (["valid"] if protocol == "validation" else [])
   eval_arrays = {s: seqlib.eval_arrays(data, protocol, s, n) for s in splits}
   layout = sharding.Layout.of(c.mesh)
+  if (c.input.batch_size // c.input.row_groups) % layout.batch_devices:
+    raise common.ConfigError(
+        f"--config.input.batch_size={c.input.batch_size} in input.row_groups="
+        f"{c.input.row_groups} leaves groups of rows that do not split over the "
+        f"{layout.batch_devices} devices of the mesh's data axis; change one of them")
   eval_ranks = layout.jit_eval(task.eval_ranks, layout.params(task.init))
 
   def evaluate(params, epoch):

@@ -141,6 +141,11 @@ class Layout:
     return batch_sharding(self.mesh, self.rules)
 
   @property
+  def batch_devices(self) -> int:
+    """How many ways a batch's leading axis is split."""
+    return int(np.prod([self.mesh.shape[a] for a in _mesh_axes(self.rules.get("batch", "data"))]))
+
+  @property
   def replicated(self) -> NamedSharding:
     return replicated(self.mesh)
 
