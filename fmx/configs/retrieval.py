@@ -29,7 +29,7 @@ def get_config(dataset: str, encoder: str, arg: str | None) -> ml_collections.Co
   c.input.batch_size = 128  # sequences per training step
   c.input.length_buckets = (32, 64, 96, 128, 160)  # padded lengths a batch may be cut to (+ max_len)
   c.input.sort_chunk = 16  # sort runs of this many batches by length (0: uniform batches, as official)
-  c.input.row_groups = 1  # > 1: each batch's rows, sorted by length, in this many groups, each cut to its bucket
+  c.input.row_groups = 1  # > 1: a batch's rows by length in this many groups, each cut to its bucket
   c.input.synthetic = ml_collections.ConfigDict(  # used when dataset == "synthetic"
       dict(num_users=200, num_items=300, min_len=8, max_len=60, seed=0))
 
