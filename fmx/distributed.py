@@ -3,9 +3,9 @@ hosts of a TPU pod slice, the nodes of a GPU cluster, or (for tests) CPU process
 
 Every process runs the same command. Process 0, the primary, alone holds the workdir's locks and
 writes its reports and `results.json`; Orbax writes each process's shards of a checkpoint and
-commits it once. Batches are pure functions of (seed, step), so every process builds the same
-global batch and hands JAX only the rows that sit on its own devices; no process waits on
-another's input.
+commits it once. Batches are pure functions of (seed, step): every process knows the whole
+batch's plan (its users, its length bucket) and builds, reads and transfers only the rows that
+sit on its own devices (`process_rows`); no process waits on another's input.
 """
 
 from __future__ import annotations
@@ -39,16 +39,39 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name` (nothing in a one-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def primary_only(context):
   """`context` (a lock, say) on the primary; nothing on the other processes."""
   return context if is_primary() else contextlib.nullcontext()
 
 
-def global_batch(tree, sharding):
-  """A host batch (the same on every process) as global arrays laid out by `sharding`; each
-  process transfers only its own devices' slices. The batch itself in a one-process run."""
+def process_rows(sharding, n: int) -> slice:
+  """The rows of an `n`-row batch laid out by `sharding` that this process's devices hold (all
+  of them in a one-process run). Raises ValueError if they are not one contiguous block."""
+  spans = sorted({(i.start or 0, n if i.stop is None else i.stop) for i, *_ in
+                  sharding.addressable_devices_indices_map((n,)).values()})
+  for (_, stop), (start, _) in zip(spans, spans[1:]):
+    if start != stop:
+      raise ValueError(f"this process's devices hold rows {spans} of the batch, not one block; "
+                       "order the mesh's devices by process")
+  return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(tree, sharding, local: bool = False):
+  """A host batch as global arrays laid out by `sharding`; each process transfers only its own
+  devices' slices. With `local`, every leaf holds only this process's rows (`process_rows`);
+  else the whole batch, the same on every process. The batch itself in a one-process run."""
   if jax.process_count() == 1:
     return tree
+  if local:
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        tree)
   return jax.tree.map(lambda x: jax.make_array_from_callback(
       np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree)
 

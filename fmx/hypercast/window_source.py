@@ -30,6 +30,7 @@ class WindowSource:
 
   steps_per_epoch = None
   total_steps = None
+  rows = None  # every process reads whole batches
 
   def __init__(self, log_dir: str, items: CrossSurfaceData, max_history: int,
                num_candidates: int, batch_size: int, poll_seconds: float = 0.2,

@@ -103,10 +103,11 @@ def train_surface(c, workdir, data, parts, surface, items, vocab, fingerprint: s
       out.update({prefix + k: v for k, v in m.items()})
     return out
 
+  rows = sharding.Layout.of(c.mesh).process_rows(c.input.batch_size)
   batches, steps = expert_examples.train_batches(parts["fit"], c.input.batch_size, c.seed,
-                                                 c.num_epochs, source)
+                                                 c.num_epochs, source, rows)
   _, final, report = train_loop(c, workdir, init=init, train_step=train_step,
-                                source=EpochSource(batches, steps), evaluate=evaluate,
+                                source=EpochSource(batches, steps, rows=rows), evaluate=evaluate,
                                 select=("valid/ne_mean", "min"),
                                 desc=f"{data.name} expert {spec.surfaces[surface]} {c.model.carrier}",
                                 fingerprint=fingerprint)

@@ -65,8 +65,9 @@ def train_one(c, workdir, data, task_mask):
   model, items = fm_runtime.build(c, data)
   init, train_step, predict = make_steps(c, model, items, data.spec, task_mask)
   H, T = c.input.max_history, c.input.num_candidates
+  rows = sharding.Layout.of(c.mesh).process_rows(c.input.batch_size)
   batches, steps = ranking.train_batches(data, H, T, c.input.batch_size, c.seed, c.num_epochs,
-                                         c.input.windows_per_user)
+                                         c.input.windows_per_user, rows)
 
   def evaluate(params, epoch):
     out = {}
@@ -80,7 +81,7 @@ def train_one(c, workdir, data, task_mask):
     return out
 
   state, final, report = train_loop(
-      c, workdir, init=init, train_step=train_step, source=EpochSource(batches, steps),
+      c, workdir, init=init, train_step=train_step, source=EpochSource(batches, steps, rows=rows),
       evaluate=evaluate, select=("valid/ne_mean", "min"), desc=f"{data.name} {c.model.kind}",
       fingerprint=data_load.fingerprint(data))
   report.close()

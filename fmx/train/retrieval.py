@@ -125,9 +125,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   protocol, n = c.input.protocol, c.input.max_len
   ks = tuple(c.evals.ks)
   buckets = tuple(c.input.length_buckets)
-  batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
-                                                  c.num_epochs, buckets, c.input.sort_chunk,
-                                                  c.input.row_groups)
   vocab = padded_vocab(data.num_items, c.mesh.model)
   task = RetrievalTask(c, build_model(c.model, vocab),
                        make_optimizer(c.optimizer), data.num_items, position_norm(data, c))
@@ -139,6 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"--config.input.batch_size={c.input.batch_size} in input.row_groups="
         f"{c.input.row_groups} leaves groups of rows that do not split over the "
         f"{layout.batch_devices} devices of the mesh's data axis; change one of them")
+  rows = layout.process_rows(c.input.batch_size // c.input.row_groups)  # of each group
+  batches, steps_per_epoch = seqlib.train_batches(data, protocol, n, c.input.batch_size, c.seed,
+                                                  c.num_epochs, buckets, c.input.sort_chunk,
+                                                  c.input.row_groups, rows)
   eval_ranks = layout.jit_eval(task.eval_ranks, layout.params(task.init))
 
   def evaluate(params, epoch):
@@ -151,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _, final, report = train_loop(
       c, workdir, init=task.init, train_step=task.train_step,
-      source=EpochSource(batches, steps_per_epoch), evaluate=evaluate,
+      source=EpochSource(batches, steps_per_epoch, rows=rows), evaluate=evaluate,
       select=("valid/ndcg@10", "max") if protocol == "validation" else None,
       desc=f"{c.input.dataset} {c.model.encoder}", fingerprint=data_load.fingerprint(data))
   results = {

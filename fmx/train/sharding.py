@@ -145,6 +145,10 @@ class Layout:
     """How many ways a batch's leading axis is split."""
     return int(np.prod([self.mesh.shape[a] for a in _mesh_axes(self.rules.get("batch", "data"))]))
 
+  def process_rows(self, n: int) -> slice:
+    """The rows of an `n`-row batch that this process builds (all of them in one process)."""
+    return distributed.process_rows(self.batch, n)
+
   @property
   def replicated(self) -> NamedSharding:
     return replicated(self.mesh)
@@ -163,12 +167,13 @@ class Layout:
 
 def compile_train(init: Callable, train_step: Callable, layout: Layout, rng: jax.Array):
   """(abstract state, its shardings, jitted init, jitted step) of a job on `layout`: the state
-  placed by the logical rules, (host) batches split over `data`, the step donating its state."""
+  placed by the logical rules, (host) batches split over `data`, the step donating its state.
+  `step(state, batch, rng, local)`: with `local`, the batch holds only this process's rows."""
   boxed = jax.eval_shape(init, rng)  # parameters (and their moments) with logical names
   state_sh = layout.shardings(boxed)
   init_fn = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sh)
   jitted = jax.jit(train_step, in_shardings=(state_sh, layout.batch, layout.replicated),
                    out_shardings=(state_sh, layout.replicated), donate_argnums=0)
-  step_fn = lambda state, batch, rng: jitted(state, distributed.global_batch(batch, layout.batch),
-                                             rng)
+  step_fn = lambda state, batch, rng, local=False: jitted(
+      state, distributed.global_batch(batch, layout.batch, local), rng)
   return nn.meta.unbox(boxed), state_sh, init_fn, step_fn

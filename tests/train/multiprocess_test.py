@@ -1,9 +1,15 @@
-"""One run over two processes, and checkpoints that reshard on restore.
+"""One run over two processes, and checkpoints that reshard on restore; the logging tier over
+two processes.
 
 `python -m fmx.main` started as two processes on localhost (JAX's distributed runtime, 4
-simulated CPU devices each, an 8x1 mesh across both) trains like one process with 8 devices;
-its checkpoint, written by both, resumes in one process on a 2x4 mesh and ends where an
-uninterrupted one-process run ends. A tiny synthetic retrieval run (4 steps per epoch).
+simulated CPU devices each, a 4x2 mesh across both) trains like one process with 8 devices,
+each process building only the rows of each batch (of each row group, cut to the group's
+length bucket) that its devices hold; its checkpoint, written by both, resumes in one process
+on a 2x4 mesh and ends where an uninterrupted one-process run ends. A tiny synthetic retrieval
+run (4 steps per epoch).
+
+The logging tier started as two processes writes the same rows as one process, each process its
+own shards, and one commit.
 """
 
 import json
@@ -19,15 +25,17 @@ import orbax.checkpoint as ocp
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--config=fmx/configs/ml100k_hstu.py:runlocal", "--config.input.dataset=synthetic",
-        "--config.input.max_len=20", "--config.evals.every_epochs=1", "--config.progress=False"]
+        "--config.input.max_len=20", "--config.evals.every_epochs=1", "--config.progress=False",
+        "--config.input.row_groups=2", "--config.input.length_buckets=(8,12,16)",
+        "--config.mesh.data=4", "--config.mesh.model=2"]
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@200", "mrr", "steps")
 
 
-def start(workdir, *extra, devices):
+def start(workdir, *extra, devices, flags=TINY):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   env.pop("FMX_FAULT", None)
-  return subprocess.Popen([sys.executable, "-m", "fmx.main", *TINY, f"--workdir={workdir}", *extra],
+  return subprocess.Popen([sys.executable, "-m", "fmx.main", *flags, f"--workdir={workdir}", *extra],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
@@ -57,24 +65,33 @@ def assert_close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
-def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_another_mesh(tmp_path):
+def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+    return s.getsockname()[1]
+
+
+def two_processes(port):
+  return [[f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+          for i in (0, 1)]
+
+
+def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_another_mesh(tmp_path):
   two, one = tmp_path / "two", tmp_path / "one"
-  procs = [start(two, "--config.num_epochs=1", f"--coordinator_address=localhost:{port}",
-                 "--num_processes=2", f"--process_id={i}", devices=4) for i in (0, 1)]
+  procs = [start(two, "--config.num_epochs=1", *who, devices=4) for who in two_processes(free_port())]
   outs = [finish(p) for p in procs]
   # the primary alone reports; both processes computed the same evaluation
   assert sorted(p.name for p in two.iterdir()) == [
       ".lock", ".loop.lock", "checkpoints", "metrics.jsonl", "results.json", "tensorboard"]
   assert [o.splitlines()[-2] for o, _ in outs][0] == [o.splitlines()[-2] for o, _ in outs][1]
+  for i, (_, err) in enumerate(outs):  # 64 rows in 2 groups; 8 per data shard, 2 shards each
+    assert f"fmx: process {i} of 2 builds rows {16 * i}:{16 * i + 16} of each batch" in err
   after_one_epoch = results(two)
 
-  finish(start(one, "--config.num_epochs=2", devices=8))  # one process, 8 devices, 8x1
+  finish(start(one, "--config.num_epochs=2", devices=8))  # one process, 8 devices, 4x2
   assert_close(params(two, 4), params(one, 4))
 
-  # the 2-process, 8x1 checkpoint resumes in one process on a 2x4 mesh (item table by rows
+  # the 2-process, 4x2 checkpoint resumes in one process on a 2x4 mesh (item table by rows
   # over 4 devices) and ends where the uninterrupted run ends
   _, err = finish(start(two, "--config.num_epochs=2", "--config.mesh.data=2",
                         "--config.mesh.model=4", devices=8))
@@ -85,3 +102,31 @@ def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_another_mesh
   assert got["steps"] == want["steps"] == 8
   for k in METRICS:
     assert abs(got[k] - want[k]) < 1e-6, (k, got, want)
+
+
+def test_two_processes_log_their_own_shards_and_one_commits(tmp_path):
+  from fmx.configs import synthetic_fm
+  from fmx.data import load as data_load, tae_store
+  from fmx.train import fm as fm_train
+  c = synthetic_fm.get_config("runlocal")
+  c.num_epochs, c.progress, c.input.synthetic.num_users = 1, False, 60
+  c.input.max_history, c.input.num_candidates, c.model.max_len = 20, 4, 24
+  data = data_load.load(c.input, "surfaces")
+  fm_train.train_one(c, str(tmp_path / "fm"), data, data.spec.fm_tasks.astype(np.float32))
+  flags = ["--config=fmx/configs/logging_tier.py:synthetic", f"--config.fm_workdir={tmp_path / 'fm'}",
+           "--config.batch_size=16", "--config.mesh.data=4", "--config.mesh.model=2"]
+  stores = {n: tmp_path / f"store{n}" for n in (1, 2)}
+  procs = [start(tmp_path / "log2", f"--config.store={stores[2]}", *who, devices=4, flags=flags)
+           for who in two_processes(free_port())]
+  for p in procs:
+    finish(p)
+  finish(start(tmp_path / "log1", f"--config.store={stores[1]}", devices=8, flags=flags))
+  assert sorted(p.name for p in stores[2].iterdir()) == [".lock-v1", "v1"]  # committed once
+  shards = {n: [t["rows"] for t in tae_store.manifest(stores[n], "v1")["shards"]] for n in stores}
+  assert len(shards[2]) == 4 and len(shards[1]) == 2  # (valid, test) x processes
+  assert [shards[2][0] + shards[2][1], shards[2][2] + shards[2][3]] == shards[1]
+  assert all(rows > 0 for rows in shards[2])  # each process wrote its part of each split
+  rows = {n: {k: np.concatenate([a[k] for _, a in tae_store.read(stores[n], "v1")])
+              for k in ("user", "cand", "tae", "fm_probs")} for n in stores}
+  for k in rows[1]:
+    np.testing.assert_allclose(rows[2][k], rows[1][k], rtol=1e-5, atol=1e-6)
