@@ -3,9 +3,10 @@
 A source yields `(batch, position)` pairs from a saved position on; `position` is a JSON
 object saying where the stream stands after that batch, stored in the same checkpoint as the
 model, so a resumed run continues with the next unseen batch. `steps_per_epoch` is None for
-a stream without epochs, `total_steps` None for one that ends when its producer stops. `rows` is
-the slice of every batch's rows that this process builds in a multi-process run (the rows on its
-devices, `distributed.process_rows`), or None if its batches are whole.
+a stream without epochs, `total_steps` None for one that ends when its producer stops. `rows`
+(optional) is the slice of every batch's rows that this process builds in a multi-process run
+(the rows on its devices, `distributed.process_rows`); a source without it, or with None, yields
+whole batches.
 """
 
 from __future__ import annotations

@@ -160,9 +160,10 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
     raise RunError(f"{workdir} holds a checkpoint at step {step}, past this config's {total} steps: "
                    "raise --config.num_epochs, or use a fresh --workdir")
   report = reporting.RunReporter(workdir, resume_step=step)
-  if jax.process_count() > 1 and source.rows is not None:
+  rows = getattr(source, "rows", None)  # optional: a source without it yields whole batches
+  if jax.process_count() > 1 and rows is not None:
     print(f"fmx: process {jax.process_index()} of {jax.process_count()} builds rows "
-          f"{source.rows.start}:{source.rows.stop} of each batch", file=sys.stderr)
+          f"{rows.start}:{rows.stop} of each batch", file=sys.stderr)
   params_finite = jax.jit(lambda p: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
   epoch_of = (lambda s: s // per_epoch) if per_epoch else (lambda s: 0)
@@ -215,7 +216,7 @@ def _train_loop(c: ml_collections.ConfigDict, workdir: str, *, init: Callable,
       first = False
       if on_batch is not None:
         on_batch(state, batch, position)
-      state, scalars = step_fn(state, batch, train_rng, source.rows is not None)
+      state, scalars = step_fn(state, batch, train_rng, rows is not None)
       step, meta["position"] = step + 1, position
       pending.append((step, scalars["loss"]))
       bar.update(1)
