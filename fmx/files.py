@@ -38,17 +38,18 @@ def atomic_write(path: os.PathLike | str, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: os.PathLike | str, what: str):
+def exclusive(path: os.PathLike | str, what: str, wait: bool = False):
   """Holds an exclusive lock on `path` (created if needed) for the `with` block.
 
-  Raises `LockedError` at once, naming `what` and the holder's PID, if another process holds it.
+  Raises `LockedError` at once, naming `what` and the holder's PID, if another process holds it;
+  with `wait`, blocks until the holder releases it instead.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
       holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
       raise LockedError(f"{what} is in use by process {holder} (lock {path}); wait for it to "

@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from fmx.configs.common import DEFAULT_DATA_DIR, DEFAULT_MANUAL_DIR
 from fmx.data import raw
 from fmx.data.sequences import UserSequences
+from fmx.files import exclusive
 
 SOURCE_SHA256 = "source_sha256"  # key in `builder.info.metadata`: the raw source it was built from
 
@@ -93,8 +94,17 @@ def recorded_checksum(builder: tfds.core.DatasetBuilder) -> str | None:
 
 def prepare_fresh(make_builder: Callable[[str], tfds.core.DatasetBuilder], configs: list[str],
                   variant: str, manual_dir: str) -> None:
-  """Prepares each config once, and again when the `variant` source in `manual_dir` changed."""
+  """Prepares each config once, and again when the `variant` source in `manual_dir` changed.
+
+  Jobs sharing a data directory take turns (an OS lock per variant): the first builds, the others
+  wait and then find the tables prepared."""
   manual_dir = str(pathlib.Path(manual_dir).expanduser())
+  with exclusive(pathlib.Path(make_builder(configs[0]).data_dir_root) / f".prepare-{variant}.lock",
+                 f"preparing {variant}", wait=True):
+    _prepare_fresh(make_builder, configs, variant, manual_dir)
+
+
+def _prepare_fresh(make_builder, configs, variant, manual_dir):
   source = raw.find_source(variant, manual_dir)
   sha = raw.checksum(source, variant) if source else None
   rebuilt = []
