@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import sys
 
 
 class LockedError(RuntimeError):
@@ -49,11 +50,14 @@ def exclusive(path: os.PathLike | str, what: str, wait: bool = False):
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-      raise LockedError(f"{what} is in use by process {holder} (lock {path}); wait for it to "
-                        "finish or stop it") from None
+      if not wait:
+        raise LockedError(f"{what} is in use by process {holder} (lock {path}); wait for it to "
+                          "finish or stop it") from None
+      print(f"fmx: waiting for process {holder}, which is {what} (lock {path})", file=sys.stderr)
+      fcntl.flock(fd, fcntl.LOCK_EX)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     yield

@@ -121,7 +121,7 @@ def main(argv):
     print(f"fmx: {e}", file=sys.stderr)
     sys.exit(128 + (signal.SIGTERM if "SIGTERM" in str(e) else signal.SIGINT))
   except (RawDataError, StoreError, CheckpointError, RunError, files.LockedError,
-          common.ConfigError, LogError, SnapshotError, VersionError) as e:
+          common.ConfigError, LogError, SnapshotError, VersionError, distributed.PeerError) as e:
     fail(str(e))
   except ValueError as e:  # a config value that the job rejects
     if flags.FLAGS["verbosity"].present:

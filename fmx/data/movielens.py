@@ -96,11 +96,13 @@ def prepare_fresh(make_builder: Callable[[str], tfds.core.DatasetBuilder], confi
                   variant: str, manual_dir: str) -> None:
   """Prepares each config once, and again when the `variant` source in `manual_dir` changed.
 
-  Jobs sharing a data directory take turns (an OS lock per variant): the first builds, the others
-  wait and then find the tables prepared."""
+  Jobs sharing a data directory take turns (an OS lock per builder and variant): the first
+  builds, the others wait and then find the tables prepared. A builder may prepare another
+  builder's tables inside its own turn (the cross-surface view reads plain MovieLens)."""
   manual_dir = str(pathlib.Path(manual_dir).expanduser())
-  with exclusive(pathlib.Path(make_builder(configs[0]).data_dir_root) / f".prepare-{variant}.lock",
-                 f"preparing {variant}", wait=True):
+  builder = make_builder(configs[0])
+  with exclusive(pathlib.Path(builder.data_dir_root) / f".prepare-{builder.name}-{variant}.lock",
+                 f"preparing {builder.name}/{variant}", wait=True):
     _prepare_fresh(make_builder, configs, variant, manual_dir)
 
 

@@ -50,9 +50,12 @@ def window_rows(fm: fm_runtime.PinnedFM, batch: dict, split: str) -> dict[str, n
 
 def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
                 splits=("train", "valid", "test"), batch_size: int = 128) -> int:
-  """Writes `fm_version` (one shard per split and process) and returns its rows (this process's,
-  in a multi-process run); 0 if the store already holds that version. Training windows are the
-  FM pipeline's own (seeded) windows of its first epoch."""
+  """Writes `fm_version` and returns its rows; 0 if the store already holds that version.
+  Training windows are the FM pipeline's own (seeded) windows of its first epoch.
+
+  Over several processes (sharing the store's filesystem) every process writes its block of
+  each split's batches as shard `split * processes + process`, and the primary alone takes the
+  version's lock and commits it; a failure anywhere fails every process and commits nothing."""
   if fm_version in tae_store.versions(store):
     return 0
   c, data = fm.config, fm.data
@@ -60,10 +63,8 @@ def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
   meta = {"fm_workdir": fm.workdir, "fm_step": fm.step, "dataset": c.input.dataset,
           "synthetic": c.input.synthetic.to_dict() if c.input.dataset == "synthetic" else None}
   procs, me = jax.process_count(), jax.process_index()
-  total = 0
-  with (tae_store.write_version(store, fm_version, meta) if distributed.is_primary()
-        else contextlib.nullcontext()):
-    distributed.barrier(f"fmx logging {fm_version}: staging")
+
+  def write_mine():
     staging = tae_store.staging_dir(store, fm_version)
     for s, split in enumerate(splits):
       if split == "train":
@@ -75,11 +76,17 @@ def materialise(fm: fm_runtime.PinnedFM, store: str, fm_version: str,
       parts = [window_rows(fm, b, split) for b in batches]  # every process runs every batch
       mine = parts[me * len(parts) // procs:(me + 1) * len(parts) // procs] or [
           {k: v[:0] for k, v in parts[0].items()}]
-      arrays = {k: np.concatenate([p[k] for p in mine]) for k in COLUMNS}
-      tae_store.write_shard(staging, fm_version, s * procs + me, arrays)
-      total += len(arrays["user"])
-    distributed.barrier(f"fmx logging {fm_version}: staged")  # then the primary commits
-  return total
+      tae_store.write_shard(staging, fm_version, s * procs + me,
+                            {k: np.concatenate([p[k] for p in mine]) for k in COLUMNS})
+
+  name = f"fmx logging {fm_version}"
+  with contextlib.ExitStack() as stack:
+    open_version = lambda: stack.enter_context(tae_store.write_version(store, fm_version, meta))
+    distributed.all_or_none(f"{name}: open", open_version if distributed.is_primary() else int)
+    distributed.all_or_none(f"{name}: stage", write_mine)  # on failure, the stack commits nothing
+    commit = stack.pop_all()
+  distributed.all_or_none(f"{name}: commit", commit.close)
+  return tae_store.version_meta(store, fm_version)["rows"]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

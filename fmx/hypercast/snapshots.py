@@ -33,7 +33,8 @@ from fmx.files import LockedError, atomic_write, exclusive
 from fmx.runtime.checkpoint import Checkpointer, Damaged, checksums, digest, warn
 
 CORE = {"version", "kind", "base", "parent", "bytes", "full_bytes", "table_rows", "dim", "vocab",
-        "published_at", "checksums", "tables_sha256"}  # the entry fields `publish` sets
+        "published_at", "checksums", "tables_sha256",
+        "sha256"}  # the entry fields `publish` sets, and `sha256`, which it set before `checksums`
 _CONSUMER = re.compile(r"[A-Za-z0-9_.-]+")
 
 

@@ -37,9 +37,17 @@ def test_fingerprint_sees_every_bit_and_position():
   assert len({want, *(checkpoint.fingerprint(c) for c in changed)}) == 1 + len(changed)
 
 
-def write_legacy(directory, items):
-  """A step as fmx wrote them before checksums: a sha256 of the gathered arrays per item."""
-  meta = {"sha256": {k: checkpoint.digest(v) for k, v in items.items()},
+def test_fingerprint_sees_the_high_words_of_64_bit_host_arrays():
+  ids, scores = np.arange(10, dtype=np.int64), np.linspace(0, 1, 5)
+  want = checkpoint.fingerprint({"ids": ids, "scores": scores})
+  assert checkpoint.fingerprint({"ids": ids + (1 << 40), "scores": scores}) != want
+  assert checkpoint.fingerprint({"ids": ids, "scores": scores + 1e-12}) != want
+
+
+def write_legacy(directory, items, hashed):
+  """A step as fmx wrote them before checksums: a sha256 of the gathered arrays per item (of
+  `hashed`, which differs from `items` to make a step whose arrays no longer match)."""
+  meta = {"sha256": {k: checkpoint.digest(v) for k, v in hashed.items()},
           "shapes": {k: checkpoint.shapes(v) for k, v in items.items()}}
   with ocp.CheckpointManager(directory) as m:
     m.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta),
@@ -48,20 +56,16 @@ def write_legacy(directory, items):
 
 
 @pytest.mark.parametrize("damaged", [False, True])
-def test_steps_written_with_sha256_restore_and_are_checked(tmp_path, damaged):
+def test_steps_written_with_sha256_restore_and_are_checked(tmp_path, damaged, capsys):
   items = {"params": {k: jnp.asarray(v) for k, v in tree().items()}}
-  write_legacy(str(tmp_path), items)
-  if damaged:  # a flipped byte in the table's array file
-    target = max((f for f in (tmp_path / "1" / "params").rglob("*") if f.is_file() and "/d/" in str(f)),
-                 key=lambda f: f.stat().st_size)
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
+  hashed = {"params": {**items["params"], "step": jnp.int32(8)}} if damaged else items
+  write_legacy(str(tmp_path), items, hashed)
   ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
   abstract = {"params": checkpoint.on_one_device(jax.eval_shape(lambda: items["params"]))}
   if damaged:
     with pytest.raises(checkpoint.CheckpointError, match="damaged steps: \\[1\\]"):
       ckpt.restore(abstract)
+    assert "checksum mismatch in 'params'" in capsys.readouterr().err
   else:
     step, got, meta = ckpt.restore(abstract)
     assert step == 1 and "checksums" not in meta

@@ -9,7 +9,7 @@ on a 2x4 mesh and ends where an uninterrupted one-process run ends. A tiny synth
 run (4 steps per epoch).
 
 The logging tier started as two processes writes the same rows as one process, each process its
-own shards, and one commit.
+own shards, and one commit; when the primary cannot open the version, both processes fail.
 """
 
 import json
@@ -22,6 +22,8 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fmx import files
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--config=fmx/configs/ml100k_hstu.py:runlocal", "--config.input.dataset=synthetic",
@@ -44,6 +46,18 @@ def finish(p):
   out, err = p.communicate(timeout=600)
   assert p.returncode == 0, err[-4000:]
   return out, err
+
+
+def finish_all(procs, status=0):
+  """Each process's (stdout, stderr), once all exited with `status`; none is left running."""
+  try:
+    done = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, done):
+      assert p.returncode == status, err[-4000:]
+    return done
+  finally:
+    for p in procs:
+      p.kill()
 
 
 def results(workdir):
@@ -79,7 +93,7 @@ def two_processes(port):
 def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_another_mesh(tmp_path):
   two, one = tmp_path / "two", tmp_path / "one"
   procs = [start(two, "--config.num_epochs=1", *who, devices=4) for who in two_processes(free_port())]
-  outs = [finish(p) for p in procs]
+  outs = finish_all(procs)
   # the primary alone reports; both processes computed the same evaluation
   assert sorted(p.name for p in two.iterdir()) == [
       ".lock", ".loop.lock", "checkpoints", "metrics.jsonl", "results.json", "tensorboard"]
@@ -116,12 +130,17 @@ def test_two_processes_log_their_own_shards_and_one_commits(tmp_path):
   flags = ["--config=fmx/configs/logging_tier.py:synthetic", f"--config.fm_workdir={tmp_path / 'fm'}",
            "--config.batch_size=16", "--config.mesh.data=4", "--config.mesh.model=2"]
   stores = {n: tmp_path / f"store{n}" for n in (1, 2)}
-  procs = [start(tmp_path / "log2", f"--config.store={stores[2]}", *who, devices=4, flags=flags)
-           for who in two_processes(free_port())]
-  for p in procs:
-    finish(p)
+  log2 = lambda: [start(tmp_path / "log2", f"--config.store={stores[2]}", *who, devices=4,
+                       flags=flags) for who in two_processes(free_port())]
+  with files.exclusive(stores[2] / ".lock-v1", "another writer"):  # the primary cannot open v1
+    (_, err0), (_, err1) = finish_all(log2(), status=2)  # both fail; neither waits forever
+  assert f"in use by process {os.getpid()}" in err0 and "process(es) [0] failed" in err1
+  assert tae_store.versions(stores[2]) == []
+  finish_all(log2())
   finish(start(tmp_path / "log1", f"--config.store={stores[1]}", devices=8, flags=flags))
   assert sorted(p.name for p in stores[2].iterdir()) == [".lock-v1", "v1"]  # committed once
+  assert json.loads((tmp_path / "log2" / "results.json").read_text())["rows"] == sum(
+      t["rows"] for t in tae_store.manifest(stores[2], "v1")["shards"])
   shards = {n: [t["rows"] for t in tae_store.manifest(stores[n], "v1")["shards"]] for n in stores}
   assert len(shards[2]) == 4 and len(shards[1]) == 2  # (valid, test) x processes
   assert [shards[2][0] + shards[2][1], shards[2][2] + shards[2][3]] == shards[1]
