@@ -74,15 +74,15 @@ def primary_only(context):
   return context if is_primary() else contextlib.nullcontext()
 
 
-def process_rows(sharding, n: int) -> slice:
-  """The rows of an `n`-row batch laid out by `sharding` that this process's devices hold (all
-  of them in a one-process run). Raises ValueError if they are not one contiguous block."""
+def process_rows(sharding, n: int) -> slice | None:
+  """The rows of an `n`-row batch laid out by `sharding` that this process's devices hold, if
+  they are one block of some of its rows; None if the process builds whole batches (one
+  process, devices holding rows that are not one block, or no devices in the mesh)."""
   spans = sorted({(i.start or 0, n if i.stop is None else i.stop) for i, *_ in
                   sharding.addressable_devices_indices_map((n,)).values()})
-  for (_, stop), (start, _) in zip(spans, spans[1:]):
-    if start != stop:
-      raise ValueError(f"this process's devices hold rows {spans} of the batch, not one block; "
-                       "order the mesh's devices by process")
+  if jax.process_count() == 1 or not spans or any(
+      start != stop for (_, stop), (start, _) in zip(spans, spans[1:])):
+    return None
   return slice(spans[0][0], spans[-1][1])
 
 

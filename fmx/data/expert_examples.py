@@ -103,7 +103,7 @@ def partition(ex: dict[str, np.ndarray], select_fraction: float, seed: int = 0) 
 
 
 def train_batches(ex: dict[str, np.ndarray], batch_size: int, seed: int, num_epochs: int,
-                  source: tae_store.RowSource | None = None, process_rows: slice = slice(None)):
+                  source: tae_store.RowSource | None = None, process_rows: slice | None = None):
   """Shuffled full batches over `num_epochs` (indexable; batch `s` depends only on seed and s)
   and the steps per epoch. Embeddings come from `source` by row when `ex` lacks them.
   `process_rows` builds (and reads the embeddings of) only those rows of each batch: one
@@ -119,7 +119,7 @@ def train_batches(ex: dict[str, np.ndarray], batch_size: int, seed: int, num_epo
 
   def make(index: int):
     epoch, step = divmod(index, steps)
-    idx = order(epoch)[step * batch_size:(step + 1) * batch_size][process_rows]
+    idx = order(epoch)[step * batch_size:(step + 1) * batch_size][process_rows or slice(None)]
     batch = {k: ex[k][idx] for k in MODEL_KEYS if k in ex}
     return with_embeddings(batch, None if source is None else ex["row"][idx], source)
 

@@ -77,7 +77,7 @@ def stack(rows: list[dict]) -> dict[str, np.ndarray]:
 
 def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int, batch_size: int,
                   seed: int, num_epochs: int, windows_per_user: int = 1,
-                  process_rows: slice = slice(None)):
+                  process_rows: slice | None = None):
   """Indexable training batches over `num_epochs` and the steps per epoch; batch `s` is a pure
   function of (seed, s), so a resumed run continues at the exact stream position.
   `process_rows` builds only those rows of each batch (one process's share)."""
@@ -97,7 +97,7 @@ def train_batches(data: CrossSurfaceData, max_history: int, num_candidates: int,
     epoch, step = divmod(index, steps)
     order, cuts = epoch_plan(epoch)
     rows = []
-    for i in order[step * batch_size:(step + 1) * batch_size][process_rows]:
+    for i in order[step * batch_size:(step + 1) * batch_size][process_rows or slice(None)]:
       u = slots[i]
       rows.append(empty_example(max_history, num_candidates, data.spec.num_tasks) if u < 0 else
                   example(data, int(u), int(cuts[i]), int(ends[u]), max_history, num_candidates))

@@ -107,7 +107,7 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
 def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: int,
                   seed: int, num_epochs: int, length_buckets: tuple[int, ...] = (),
                   sort_chunk: int = 0, row_groups: int = 1,
-                  process_rows: slice = slice(None)) -> tuple[grain.MapDataset, int]:
+                  process_rows: slice | None = None) -> tuple[grain.MapDataset, int]:
   """Indexable dataset of training batches over `num_epochs` and the number of steps per epoch.
 
   Every epoch holds every user once in a fresh seeded order, padded with empty (zero-weight)
@@ -134,7 +134,7 @@ def train_batches(data: UserSequences, protocol: str, max_len: int, batch_size: 
     return epoch_order(lengths, batch_size, seed, epoch, sort_chunk)
 
   def part(batch: np.ndarray, group: np.ndarray) -> dict[str, np.ndarray]:
-    mine = group[process_rows]
+    mine = group[process_rows or slice(None)]
     rows = [empty_train_example(max_len) if u < 0 else train_example(data, u, cuts[u], max_len)
             for u in slots[batch[mine]]]
     out = trim({k: np.stack([r[k] for r in rows]) for k in rows[0]}, tuple(length_buckets),

@@ -145,8 +145,8 @@ class Layout:
     """How many ways a batch's leading axis is split."""
     return int(np.prod([self.mesh.shape[a] for a in _mesh_axes(self.rules.get("batch", "data"))]))
 
-  def process_rows(self, n: int) -> slice:
-    """The rows of an `n`-row batch that this process builds (all of them in one process)."""
+  def process_rows(self, n: int) -> slice | None:
+    """The rows of an `n`-row batch that this process builds (None: all of them)."""
     return distributed.process_rows(self.batch, n)
 
   @property
