@@ -43,29 +43,24 @@ class PeerError(RuntimeError):
   """Another process failed at a point all processes must pass together."""
 
 
-def agree(name: str, error: BaseException | None) -> None:
-  """Waits until every process has reached `name`, then raises on all of them if any failed to:
-  its own `error` where there is one, else a PeerError naming the processes that failed. (A
-  process that raises alone would leave the others waiting for it forever.)"""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
-  else:
-    failed = [0] if error is not None else []
-  if error is not None:
-    raise error
-  if len(failed):
-    raise PeerError(f"{name}: process(es) {[int(p) for p in failed]} failed; see their output")
-
-
 def all_or_none(name: str, fn):
-  """`fn()` on every process, then `agree(name, ...)` on how it went; its result."""
+  """`fn()` on every process; its result once every process has reached `name`. If any failed
+  to, all raise: their own error where they have one, else a PeerError naming the processes
+  that failed. (A process that raised alone would leave the others waiting for it forever.)"""
   error = result = None
   try:
     result = fn()
   except Exception as e:  # pylint: disable=broad-except
     error = e
-  agree(name, error)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+  else:
+    failed = []
+  if error is not None:
+    raise error
+  if len(failed):
+    raise PeerError(f"{name}: process(es) {[int(p) for p in failed]} failed; see their output")
   return result
 
 

@@ -93,15 +93,13 @@ def fingerprint(tree) -> str:
   """A 64-bit checksum of the dtype, shape, positions and bits of every leaf of `tree`, in tree
   order, computed on the devices that hold each shard (see the module docstring)."""
   leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in jax.tree.leaves(tree)]
-  on_devices = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
-  on_host = [i for i, x in enumerate(leaves) if not isinstance(x, jax.Array)]
-  sums = dict(zip(on_devices, _lane_sums([leaves[i] for i in on_devices])))
+  on_host = [not isinstance(x, jax.Array) for x in leaves]
+  device_sums = iter(_lane_sums([x for x, host in zip(leaves, on_host) if not host]))
   with jax.default_device(jax.devices("cpu")[0]):  # host arrays are hashed where they are
     # 64-bit words as pairs of 32-bit ones: jax without x64 would truncate them
-    sums.update(zip(on_host, _lane_sums([
-        leaves[i][..., None].view(np.uint32) if leaves[i].dtype.itemsize == 8 else leaves[i]
-        for i in on_host])))
-  sums = [sums[i] for i in range(len(leaves))]
+    host_sums = iter(_lane_sums([x[..., None].view(np.uint32) if x.dtype.itemsize == 8 else x
+                                 for x, host in zip(leaves, on_host) if host]))
+  sums = [next(host_sums if host else device_sums) for host in on_host]
   h = hashlib.sha256()
   for x, s in zip(leaves, sums):
     lanes = np.asarray(s.addressable_data(0))

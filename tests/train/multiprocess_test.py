@@ -42,12 +42,6 @@ def start(workdir, *extra, devices, flags=TINY):
                           text=True)
 
 
-def finish(p):
-  out, err = p.communicate(timeout=600)
-  assert p.returncode == 0, err[-4000:]
-  return out, err
-
-
 def finish_all(procs, status=0):
   """Each process's (stdout, stderr), once all exited with `status`; none is left running."""
   try:
@@ -102,13 +96,13 @@ def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_another_mesh
     assert f"fmx: process {i} of 2 builds rows {16 * i}:{16 * i + 16} of each batch" in err
   after_one_epoch = results(two)
 
-  finish(start(one, "--config.num_epochs=2", devices=8))  # one process, 8 devices, 4x2
+  finish_all([start(one, "--config.num_epochs=2", devices=8)])  # one process, 8 devices, 4x2
   assert_close(params(two, 4), params(one, 4))
 
   # the 2-process, 4x2 checkpoint resumes in one process on a 2x4 mesh (item table by rows
   # over 4 devices) and ends where the uninterrupted run ends
-  _, err = finish(start(two, "--config.num_epochs=2", "--config.mesh.data=2",
-                        "--config.mesh.model=4", devices=8))
+  [(_, err)] = finish_all([start(two, "--config.num_epochs=2", "--config.mesh.data=2",
+                                "--config.mesh.model=4", devices=8)])
   assert "fmx: resumed from step 4" in err
   assert_close(params(two, 8), params(one, 8))
   assert after_one_epoch["steps"] == 4
@@ -137,7 +131,7 @@ def test_two_processes_log_their_own_shards_and_one_commits(tmp_path):
   assert f"in use by process {os.getpid()}" in err0 and "process(es) [0] failed" in err1
   assert tae_store.versions(stores[2]) == []
   finish_all(log2())
-  finish(start(tmp_path / "log1", f"--config.store={stores[1]}", devices=8, flags=flags))
+  finish_all([start(tmp_path / "log1", f"--config.store={stores[1]}", devices=8, flags=flags)])
   assert sorted(p.name for p in stores[2].iterdir()) == [".lock-v1", "v1"]  # committed once
   assert json.loads((tmp_path / "log2" / "results.json").read_text())["rows"] == sum(
       t["rows"] for t in tae_store.manifest(stores[2], "v1")["shards"])
