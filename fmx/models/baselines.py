@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from fmx.models import axes
+from fmx.models.dropout import Dropout
 from fmx.models.foundation import YEAR_BUCKETS, year_bucket
 
 
@@ -35,7 +36,7 @@ class NonSequential(nn.Module):
          + side("content")(jnp.take(items["content"], ids, axis=0)))
     user = axes.small_table(self.num_users, d, name="user")(tokens["user"])[:, None, :]
     h = jnp.concatenate([x, jnp.broadcast_to(user, x.shape)], axis=-1)
-    h = nn.Dropout(self.input_dropout, deterministic=not train)(h)
+    h = Dropout(self.input_dropout, deterministic=not train)(h)
     hidden = nn.DenseGeneral(
         (self.num_surfaces, self.head_dim), name="hidden",
         kernel_init=axes.names(nn.initializers.lecun_normal(), axes.EMBED, None, axes.MLP),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fmx.models import axes
+from fmx.models.dropout import Dropout
 
 
 def padded_vocab(num_items: int, shards: int = 1) -> int:
@@ -54,6 +55,6 @@ class PositionalInput(nn.Module):
     pos = self.param("pos_embedding", axes.names(init, axes.CATEGORY, axes.EMBED),
                      (self.max_len, self.dim))
     x = x * math.sqrt(self.dim) + pos[None, :n]
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, deterministic=not train)(x)
     valid = jnp.arange(n)[None, :] < lengths[:, None]
     return jnp.where(valid[..., None], x, 0.0)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from fmx.configs.common import CARRIERS
 from fmx.models import axes
+from fmx.models.dropout import Dropout
 from fmx.models.hstu import HSTU, HSTUConfig
 
 
@@ -30,7 +31,7 @@ class FMEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = axes.layer_norm()(jax.lax.stop_gradient(x))
-    return axes.dense(self.dim)(nn.Dropout(self.dropout, deterministic=not train)(x))
+    return axes.dense(self.dim)(Dropout(self.dropout, deterministic=not train)(x))
 
 
 def example_batch(n: int, short_len: int, fm_dim: int) -> dict:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fmx.models import axes
+from fmx.models.dropout import Dropout
 from fmx.models.hstu import HSTU, HSTUConfig
 
 NUM_ACTIONS = 4  # 0: none (candidates, padding), 1..3 from the event's labels
@@ -69,7 +70,7 @@ class FoundationModel(nn.Module):
     self.position = axes.small_table(c.max_len, d)
     self.genres = axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED))
     self.content = axes.dense(d, use_bias=False, axes=(axes.MLP, axes.EMBED))
-    self.drop = nn.Dropout(self.input_dropout)
+    self.drop = Dropout(self.input_dropout)
     self.encoder = HSTU(c)
     self.head_hidden = axes.dense(self.head_dim)
     self.head_out = axes.dense(self.num_tasks, axes=(axes.MLP, None))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from fmx.models import axes
+from fmx.models.dropout import Dropout
 from kernels import hstu_attention, hstu_cached_attention, masks
 from kernels.reference import masked_attention
 
@@ -123,7 +124,7 @@ class HSTULayer(nn.Module):
                            kernel_init=nn.initializers.normal(stddev=0.02))
     self.out = axes.dense(c.dim, kernel_init=nn.initializers.xavier_uniform(),
                           axes=(axes.MLP, axes.EMBED))
-    self.drop = nn.Dropout(c.dropout)
+    self.drop = Dropout(c.dropout)
     if c.use_rab:
       self.rab = RelativeBias(c.max_len, c.num_buckets)
 

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fmx.models import axes
+from fmx.models.dropout import Dropout
 
 
 class SASRecBlock(nn.Module):
@@ -25,8 +26,8 @@ class SASRecBlock(nn.Module):
         bias_init=axes.names(nn.initializers.zeros_init(), *axes.REPLICATED))(q, x, x, mask=mask)
     x = q + attn
     x = axes.layer_norm(epsilon=1e-8)(x)
-    y = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(axes.dense(self.dim)(x)))
-    y = nn.Dropout(self.dropout, deterministic=not train)(
+    y = Dropout(self.dropout, deterministic=not train)(nn.relu(axes.dense(self.dim)(x)))
+    y = Dropout(self.dropout, deterministic=not train)(
         axes.dense(self.dim, axes=(axes.MLP, axes.EMBED))(y))
     return jnp.where(valid[..., None], x + y, 0.0)
 

@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmx import distributed
+from fmx.hashing import mix32
 
 
 class CheckpointError(RuntimeError):
@@ -55,13 +56,6 @@ def digest(tree) -> str:
 _SEEDS = (0x9E3779B9, 0x7F4A7C15)  # two independent 32-bit lanes: a 64-bit checksum
 
 
-def _mix(h):
-  """murmur3's 32-bit finaliser: a bijection that spreads every input bit over the output."""
-  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
 def _words(x):
   """The bits of every element of `x` as uint32 words, on a trailing axis (1 word, 2 for 64-bit)."""
   if x.dtype == jnp.bool_:
@@ -83,8 +77,8 @@ def _lane_sums(leaves):
     for seed in _SEEDS:
       h = jnp.full(w.shape, seed, jnp.uint32)
       for axis in range(w.ndim):
-        h = _mix(h ^ jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis))
-      lanes.append(jnp.sum(_mix(h ^ w), dtype=jnp.uint32))
+        h = mix32(h ^ jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis))
+      lanes.append(jnp.sum(mix32(h ^ w), dtype=jnp.uint32))
     out.append(jnp.stack(lanes))
   return out
 
