@@ -52,11 +52,10 @@ def all_or_none(name: str, fn):
     result = fn()
   except Exception as e:  # pylint: disable=broad-except
     error = e
+  failed = []
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
-  else:
-    failed = []
   if error is not None:
     raise error
   if len(failed):

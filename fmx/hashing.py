@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 def mix32(h):
-  """murmur3's 32-bit finaliser: a bijection of uint32 that spreads every input bit over the output."""
+  """murmur3's 32-bit finaliser: a bijection of uint32 spreading each input bit over the output."""
   h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
   h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
   return h ^ (h >> 16)
