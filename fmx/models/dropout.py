@@ -2,9 +2,10 @@
 at a fraction of its cost on CPU.
 
 `nn.Dropout` draws a threefry random word per element: on this 2-core CPU, 146 ms for the nine
-masks of an HSTU-large step (batch 128, N=200). Here one threefry draw per call gives two seeds, and each element's keep decision is a
-murmur3-finalised hash of (its row, its column, the seeds): two integer mixes per element, fused
-by XLA into the consumer (21 ms for the same masks). The mask depends only on each element's
+masks of an HSTU-large step (batch 128, N=200). Here one threefry draw per call gives two seeds,
+and each element's keep decision is a murmur3-finalised hash of (its row, its column, the
+seeds): two integer mixes per element, fused by XLA into the consumer (21 ms for the same
+masks). The mask depends only on each element's
 global position, so it is the same on any mesh. Every element is kept with probability
 `1 - rate` (to 2^-32), independently of its neighbours to the quality of the hash. (SASRec's
 dropout of attention weights, inside flax's attention, still draws threefry words.)
