@@ -17,6 +17,10 @@ import re
 import signal
 import sys
 
+if __name__ == "__main__":  # first, before JAX loads: an allocator that keeps freed memory
+  from fmx import allocator
+  allocator.restart()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
