@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fmx import allocator
 from fmx.configs import retrieval as retrieval_configs
 from fmx.data import load as data_load, sequences as seqlib
 from fmx.models import hstu
@@ -118,4 +119,5 @@ def main():
 
 
 if __name__ == "__main__":
+  allocator.restart()  # as fmx.main does (fmx/allocator.py)
   main()

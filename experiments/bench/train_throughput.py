@@ -11,13 +11,18 @@ Kinds of work per model, side by side:
   * `bf16` (asked for with --modes): the defaults with `model.compute_dtype=bfloat16`.
 Every (model, mode) row runs in a fresh subprocess, one after another, so its peak RSS is its
 own. A row times the real training step on real ML-1M batches from the same pipeline as
-`python -m fmx.main`, after compiling every shape, and reports:
+`python -m fmx.main`, after running the same batches once (every shape compiled, the allocator
+at its steady state), and reports:
   * sequences/s, real (unpadded) tokens/s and seconds per epoch;
   * useful GFLOP/s: the matmul FLOPs of the real tokens only (no padding, only the (query, key)
     pairs the causal mask keeps; forward + backward = 3x forward), divided by the time;
   * that rate as a share of this run's f32 matmul peak (a jitted 2048^2 matmul, measured first);
+  * the minor page faults and the kernel (system) CPU time per timed step: a step that keeps
+    freed memory takes almost none (fmx/allocator.py);
   * the full-ranking evaluation of all 6,040 users (every item scored, history excluded), s;
   * the process's peak RSS.
+Like `python -m fmx.main`, it runs under the allocator `FMX_MALLOC` picks (fmx/allocator.py);
+`FMX_MALLOC=system` times glibc's defaults.
 Data: FMX_DATA_DIR / FMX_MANUAL_DIR as for fmx.main (the MIT wheel is fetched if missing).
 """
 
@@ -25,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
-from fmx import files
+from fmx import allocator, files
 
 _OFFICIAL = {"loss.negatives": "per_position", "input.sort_chunk": 0}
 MODES = {  # config overrides of each kind of work
@@ -99,17 +105,15 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   step = jax.jit(task.train_step, donate_argnums=0)
   rng = jax.random.PRNGKey(1)
   shape = lambda b: tuple(g["ids"].shape[1] for g in seqlib.row_groups(b))
-  seen = set()
-  for b in batches:  # compile (and warm) every shape once
-    if shape(b) not in seen:
-      seen.add(shape(b))
-      state, m = step(state, b, rng)
+  for b in batches:  # compile every shape, and bring the allocator to its steady state
+    state, m = step(state, b, rng)
   jax.block_until_ready(m)
-  t = time.perf_counter()
+  usage, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for b in batches:
     state, m = step(state, b, rng)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t
+  after = resource.getrusage(resource.RUSAGE_SELF)
   lengths = np.concatenate([g["lengths"] for b in batches for g in seqlib.row_groups(b)])
   flops = useful_flops(c.model, lengths, c.loss.num_negatives)
 
@@ -123,7 +127,10 @@ def run_row(encoder: str, variant: str, mode: str, steps: int) -> dict:
   eval_s = time.perf_counter() - t
   return {"step_ms": dt / steps * 1e3, "seq_s": steps * bs / dt, "tokens_s": lengths.sum() / dt,
           "epoch_s": steps_per_epoch * dt / steps, "useful_gflops": flops / dt / 1e9,
-          "eval_s": eval_s, "eval_users": len(arrays["lengths"]), "shapes": sorted(seen),
+          "faults": (after.ru_minflt - usage.ru_minflt) / steps,
+          "sys_ms": (after.ru_stime - usage.ru_stime) / steps * 1e3,
+          "eval_s": eval_s, "eval_users": len(arrays["lengths"]),
+          "shapes": sorted({shape(b) for b in batches}),
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -142,10 +149,11 @@ def main():
   import jax
   peak = matmul_peak_gflops()
   head = (f"backend={jax.default_backend()}, f32 matmul peak of this run: {peak:.0f} GFLOP/s "
-          f"(2048^2, best of 10); {args.steps} timed steps per row")
+          f"(2048^2, best of 10); {args.steps} timed steps per row; allocator: "
+          f"{os.environ.get(allocator.APPLIED) or 'system'}")
   print(head, flush=True)
   cols = ["model", "work", "step ms", "seq/s", "tokens/s", "s/epoch", "useful GFLOP/s",
-          "of peak", "eval s (users)", "peak RSS MB"]
+          "of peak", "page faults/step", "kernel ms/step", "eval s (users)", "peak RSS MB"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   print(lines[0], flush=True)
   for spec in args.models.split(","):
@@ -157,7 +165,8 @@ def main():
       r = json.loads(out.stdout.strip().splitlines()[-1])
       lines.append(f"| {spec} | {mode} | {r['step_ms']:.0f} | {r['seq_s']:.0f} | "
                    f"{r['tokens_s']:.0f} | {r['epoch_s']:.1f} | {r['useful_gflops']:.1f} | "
-                   f"{r['useful_gflops'] / peak:.0%} | {r['eval_s']:.1f} ({r['eval_users']}) | "
+                   f"{r['useful_gflops'] / peak:.0%} | {r['faults']:.0f} | {r['sys_ms']:.0f} | "
+                   f"{r['eval_s']:.1f} ({r['eval_users']}) | "
                    f"{r['peak_rss_mb']:.0f} |")
       print(lines[-1], flush=True)
   if args.out:  # all or nothing: a killed run leaves the previous table
@@ -172,4 +181,5 @@ def main():
 
 
 if __name__ == "__main__":
+  allocator.restart()
   main()
