@@ -1,18 +1,28 @@
 """Where the time of one HSTU training step goes, piece by piece, on real ML-1M batches.
 
-  python experiments/bench/step_profile.py [--models hstu:base,hstu:large] [--n 200]
+  python experiments/bench/step_profile.py [--models hstu:base,hstu:large] [--n 200] [--ops]
 
 Each piece is jitted on its own at the step's shapes (batch 128, padded length `--n`) and timed
 (median of `--reps` calls after a warm call); forward and backward together where it has a
 gradient. `rest` is the gradient computation minus the pieces: the input embeddings,
 projections, layer norms, elementwise work and everything XLA fuses around them. The pieces run in isolation, so
 they need not add up exactly to the step.
+
+`--ops` instead traces `--reps` whole steps with jax.profiler and sums the time of each compiled
+operation XLA ran (thread time, so it can exceed the wall time on several cores), by kind: the
+matmuls with what XLA fused into them, gathers, scatters, copies/slices/transposes, reductions
+and the other elementwise fusions; then the operations that took longest, with the JAX op each
+came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import re
 import statistics
+import tempfile
 import time
 
 import flax.linen as nn
@@ -41,7 +51,85 @@ def median_ms(fn, *args, reps: int) -> float:
   return statistics.median(times) * 1e3
 
 
-def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int) -> dict:
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_MOVES = {"copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate",
+          "pad", "bitcast", "reshape", "broadcast", "parameter", "constant", "tuple",
+          "get-tuple-element", "iota"}
+
+
+def hlo_kinds(hlo: str) -> dict[str, tuple[str, str, str]]:
+  """Every instruction of a compiled HLO module -> (kind, shape, the JAX op it came from).
+  Control flow (while, conditional, call) gets no kind: the operations inside it are timed."""
+  comps, cur = {}, None
+  for line in hlo.splitlines():
+    if line.startswith(("%", "ENTRY")) and line.rstrip().endswith("{"):
+      cur = line.split()[line.startswith("ENTRY")].lstrip("%")
+      comps[cur] = []
+    elif cur is not None and (m := _INSTRUCTION.match(line)):
+      comps[cur].append(m.groups())
+  def opcodes(comp, seen):
+    ops = set()
+    for _, _, op, rest in comps.get(comp, ()):
+      ops.add(op)
+      for sub in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+        if sub not in seen:
+          seen.add(sub)
+          ops |= opcodes(sub, seen)
+    return ops
+  kinds = {}
+  for comp in comps.values():
+    for name, shape, op, rest in comp:
+      if op in ("while", "conditional", "call"):
+        continue
+      ops = {op}
+      for sub in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+        ops |= opcodes(sub, {sub})
+      kind = ("matmul (+ fused)" if ops & {"dot", "convolution"} else
+              "scatter" if "scatter" in ops else "gather" if "gather" in ops else
+              "copy, slice, transpose" if ops <= _MOVES else
+              "reduce (+ fused)" if ops & {"reduce", "reduce-window"} else "elementwise")
+      source = re.search(r'op_name="([^"]*)"', rest)
+      kinds[name] = (kind, shape, source[1] if source else "")
+  return kinds
+
+
+def op_breakdown(fn, args, reps: int, top: int = 12):
+  """Thread ms per call of each kind of compiled operation of `fn`, and its `top` operations."""
+  fn = jax.jit(fn)
+  kinds = hlo_kinds(fn.lower(*args).compile().as_text())
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      t = time.perf_counter()
+      for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+      wall = (time.perf_counter() - t) / reps * 1e3
+    trace = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  per_op = collections.Counter()
+  for line in trace.find_plane_with_name("/host:CPU").lines:
+    for e in line.events:
+      if e.name in kinds:
+        per_op[e.name] += e.duration_ns / 1e6 / reps
+  per_kind = collections.Counter()
+  for name, ms in per_op.items():
+    per_kind[kinds[name][0]] += ms
+  return wall, per_kind, [(ms, name, *kinds[name]) for name, ms in per_op.most_common(top)]
+
+
+def print_ops(fn, args, reps: int):
+  wall, per_kind, top = op_breakdown(fn, args, reps)
+  total = sum(per_kind.values())
+  print(f"  wall {wall:.1f} ms a step; thread time of its operations {total:.1f} ms")
+  for kind, ms in per_kind.most_common():
+    print(f"  {kind:<26}{ms:>9.1f} ms{ms / total:>6.0%}")
+  print("  longest operations (thread ms a step, shape, JAX op):")
+  for ms, name, _, shape, source in top:
+    source = source.replace("jit(train_step)/", "")
+    print(f"  {ms:>8.1f}  {name[:28]:<28} {shape[:34]:<34} {source[-90:]}")
+
+
+def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int,
+            ops: bool = False) -> dict:
   c = retrieval_configs.get_config("ml-1m", encoder, variant)
   c.loss.negatives = negatives
   c.input.sort_chunk, c.input.length_buckets = 0, ()
@@ -59,6 +147,9 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int)
   q, k = (normal(key[i], b, n, hc.num_heads, hc.dqk) for i in range(2))
   v = normal(key[2], b, n, hc.num_heads, hc.dv)
   lengths = jnp.asarray(batch["lengths"])
+  if ops:
+    print_ops(task.train_step, (state, batch, rng), reps)
+    return {}
   out = {}
   out["step"] = median_ms(task.train_step, state, batch, rng, reps=reps)
   grads = jax.grad(lambda p, batch: task.loss(p, batch, rng)[0])
@@ -105,14 +196,17 @@ def main():
   p.add_argument("--negatives", default="per_sequence,per_position")
   p.add_argument("--n", type=int, default=200, help="padded length of the profiled batch")
   p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--ops", action="store_true",
+                 help="trace whole steps and break their time down by compiled operation")
   args = p.parse_args()
   data = data_load.load(retrieval_configs.get_config("ml-1m", "hstu", "base").input, "sequences")
-  print(f"backend={jax.default_backend()} batch=128 N={args.n} (ms, median of {args.reps})")
+  how = f"thread ms a step, {args.reps} traced steps" if args.ops else f"ms, median of {args.reps}"
+  print(f"backend={jax.default_backend()} batch=128 N={args.n} ({how})")
   for spec in args.models.split(","):
     for negatives in args.negatives.split(","):
       encoder, variant = spec.split(":")
-      r = profile(data, encoder, variant, negatives, args.n, args.reps)
       print(f"\n{spec} negatives={negatives}")
+      r = profile(data, encoder, variant, negatives, args.n, args.reps, args.ops)
       for name, ms in r.items():
         share = "" if name == "step" else f"{ms / r['step']:>8.0%}"
         print(f"  {name:<34}{ms:>9.1f} ms{share}")
