@@ -81,7 +81,7 @@ def hlo_kinds(hlo: str) -> dict[str, tuple[str, str, str]]:
     for name, shape, op, rest in comp:
       if op in ("while", "conditional", "call"):
         continue
-      ops = {op}
+      ops = set() if op == "fusion" else {op}  # a fusion is what it fuses
       for sub in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
         ops |= opcodes(sub, {sub})
       kind = ("matmul (+ fused)" if ops & {"dot", "convolution"} else
