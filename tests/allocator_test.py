@@ -17,25 +17,27 @@ def settings(env, found=TC, platform="linux"):
   return allocator.settings(env, lambda: found, platform)
 
 
-def test_auto_prefers_tcmalloc_and_keeps_other_preloads():
+def test_auto_is_tcmalloc_where_the_system_has_it_else_as_started():
   assert settings({}) == {"LD_PRELOAD": TC, allocator.APPLIED: "tcmalloc"}
-  assert settings({"LD_PRELOAD": "libx.so"})["LD_PRELOAD"] == f"{TC} libx.so"
-  assert settings({"FMX_MALLOC": "tcmalloc"})["LD_PRELOAD"] == TC
+  assert settings({"FMX_MALLOC": "tcmalloc"}) == settings({})
+  assert settings({}, found=None) is None
 
 
-def test_auto_falls_back_to_glibc_that_keeps_freed_memory():
-  env = settings({}, found=None)
+def test_glibc_keeps_freed_memory_when_asked_for():
+  env = settings({"FMX_MALLOC": "glibc"})  # even where tcmalloc exists
   assert env == {**allocator.GLIBC, allocator.APPLIED: "glibc"}
   assert env["MALLOC_MMAP_MAX_"] == "0" and env["MALLOC_ARENA_MAX"] == "1"
   assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 36
-  assert settings({"FMX_MALLOC": "glibc"}) == env  # asked for, even where tcmalloc exists
+  own = settings({"FMX_MALLOC": "glibc", "MALLOC_ARENA_MAX": "4"})
+  assert "MALLOC_ARENA_MAX" not in own and own["MALLOC_MMAP_MAX_"] == "0"  # the user's is kept
 
 
 @pytest.mark.parametrize("env, platform", [
     ({"FMX_MALLOC": "system"}, "linux"),
     ({allocator.APPLIED: "glibc"}, "linux"),  # restarted already, or a child of one that was
     ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, "linux"),  # Colab preloads tcmalloc
-    ({"LD_PRELOAD": "libjemalloc.so.2"}, "linux"),
+    ({"LD_PRELOAD": "libmemusage.so"}, "linux"),  # a memory profiler's malloc stays in front
+    ({"FMX_MALLOC": "glibc", "LD_PRELOAD": "libjemalloc.so.2"}, "linux"),
     ({}, "darwin"),
 ])
 def test_left_as_started(env, platform):
@@ -53,13 +55,22 @@ def test_bad_choices_say_what_to_do():
 def test_restart_is_the_same_process_with_the_settings_and_its_arguments():
   env = {k: v for k, v in os.environ.items() if k not in (allocator.APPLIED, "LD_PRELOAD")}
   code = ("import os, sys; print(os.getpid(), flush=True); from fmx import allocator; "
-          "allocator.restart(); print(os.getpid(), os.environ.get('FMX_MALLOC_APPLIED'), "
-          "os.environ.get('MALLOC_MMAP_MAX_'), sys.flags.dont_write_bytecode)")
-  p = subprocess.run([sys.executable, "-B", "-c", code], cwd=ROOT, capture_output=True, text=True,
-                     timeout=120, env={**env, "FMX_MALLOC": "glibc"})
+          "allocator.restart(); print(os.getpid(), allocator.active(), "
+          "os.environ.get('MALLOC_MMAP_MAX_'), sys._xoptions.get('probe'), sys.argv[1:])")
+  p = subprocess.run([sys.executable, "-X", "probe=1", "-c", code, "arg"], cwd=ROOT, text=True,
+                     capture_output=True, timeout=120, env={**env, "FMX_MALLOC": "glibc"})
   assert p.returncode == 0, p.stderr
   pid = p.stdout.split()[0]  # the code ran twice in one process, restarted once, flags kept
-  assert p.stdout.splitlines() == [pid, pid, f"{pid} glibc 0 1"]
+  assert p.stdout.splitlines() == [pid, pid, f"{pid} glibc 0 1 ['arg']"]
+
+
+@pytest.mark.skipif(allocator.find_tcmalloc() is None, reason="no tcmalloc on this system")
+def test_tcmalloc_is_mapped_after_the_restart():
+  env = {k: v for k, v in os.environ.items() if k not in (allocator.APPLIED, "LD_PRELOAD")}
+  code = "from fmx import allocator; allocator.restart(); print(allocator.active())"
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120, env={**env, "FMX_MALLOC": "auto"})
+  assert (p.returncode, p.stdout.strip()) == (0, "tcmalloc"), p.stderr
 
 
 def test_a_bad_choice_stops_fmx_main_with_one_line():

@@ -5,17 +5,22 @@
 Each piece is jitted on its own at the step's shapes (batch 128, padded length `--n`) and timed
 (median of `--reps` calls after a warm call); forward and backward together where it has a
 gradient. `rest` is the gradient computation minus the pieces: the input embeddings,
-projections, layer norms, elementwise work and everything XLA fuses around them. The pieces run in isolation, so
-they need not add up exactly to the step.
+projections, layer norms, elementwise work and everything XLA fuses around them. The pieces run
+in isolation, so they need not add up exactly to the step.
 
-`--ops` instead traces `--reps` whole steps with jax.profiler and sums the time of each compiled
-operation XLA ran (thread time, so it can exceed the wall time on several cores), by kind: the
-matmuls with what XLA fused into them, gathers, scatters, copies/slices/transposes, reductions
-and the other elementwise fusions; then the operations that took longest, with the JAX op each
-came from.
+`--ops` instead traces `--reps` whole steps with jax.profiler and adds up the time of each
+compiled operation XLA ran, by kind: the matmuls with what XLA fused into them, gathers,
+scatters, copies/slices/transposes, reductions, the other elementwise fusions, and `other`
+(sorts, custom calls, random bits); then the operations that took longest, with the JAX op each
+came from. Where operations run at once on several threads, each instant is split equally
+between them, so the kinds add up to the wall time during which any operation ran.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # first, before JAX loads, as fmx.main does (fmx/allocator.py)
+  from fmx import allocator
+  allocator.restart()
 
 import argparse
 import collections
@@ -30,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fmx import allocator
 from fmx.configs import retrieval as retrieval_configs
 from fmx.data import load as data_load, sequences as seqlib
 from fmx.models import hstu
@@ -55,6 +59,9 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.
 _MOVES = {"copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate",
           "pad", "bitcast", "reshape", "broadcast", "parameter", "constant", "tuple",
           "get-tuple-element", "iota"}
+_OTHER = {"custom-call", "sort", "rng", "rng-bit-generator", "rng-get-and-update-state",
+          "infeed", "outfeed", "send", "recv", "all-reduce", "all-gather", "all-to-all"}
+_CALLS = re.compile(r"(?:calls|to_apply|select|scatter)=%([\w.\-]+)")
 
 
 def hlo_kinds(hlo: str) -> dict[str, tuple[str, str, str]]:
@@ -71,7 +78,7 @@ def hlo_kinds(hlo: str) -> dict[str, tuple[str, str, str]]:
     ops = set()
     for _, _, op, rest in comps.get(comp, ()):
       ops.add(op)
-      for sub in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+      for sub in _CALLS.findall(rest):
         if sub not in seen:
           seen.add(sub)
           ops |= opcodes(sub, seen)
@@ -82,10 +89,12 @@ def hlo_kinds(hlo: str) -> dict[str, tuple[str, str, str]]:
       if op in ("while", "conditional", "call"):
         continue
       ops = set() if op == "fusion" else {op}  # a fusion is what it fuses
-      for sub in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest):
+      for sub in _CALLS.findall(rest):
         ops |= opcodes(sub, {sub})
       kind = ("matmul (+ fused)" if ops & {"dot", "convolution"} else
-              "scatter" if "scatter" in ops else "gather" if "gather" in ops else
+              "scatter" if ops & {"scatter", "select-and-scatter"} else
+              "gather" if "gather" in ops else
+              "other" if not ops or ops & _OTHER else
               "copy, slice, transpose" if ops <= _MOVES else
               "reduce (+ fused)" if ops & {"reduce", "reduce-window"} else "elementwise")
       source = re.search(r'op_name="([^"]*)"', rest)
@@ -94,7 +103,8 @@ def hlo_kinds(hlo: str) -> dict[str, tuple[str, str, str]]:
 
 
 def op_breakdown(fn, args, reps: int, top: int = 12):
-  """Thread ms per call of each kind of compiled operation of `fn`, and its `top` operations."""
+  """Wall ms per call of `fn`, the ms of each kind of its compiled operations, and the `top`
+  operations."""
   fn = jax.jit(fn)
   kinds = hlo_kinds(fn.lower(*args).compile().as_text())
   jax.block_until_ready(fn(*args))
@@ -105,11 +115,19 @@ def op_breakdown(fn, args, reps: int, top: int = 12):
         jax.block_until_ready(fn(*args))
       wall = (time.perf_counter() - t) / reps * 1e3
     trace = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-  per_op = collections.Counter()
-  for line in trace.find_plane_with_name("/host:CPU").lines:
-    for e in line.events:
-      if e.name in kinds:
-        per_op[e.name] += e.duration_ns / 1e6 / reps
+  spans = [(e.start_ns, e.start_ns + e.duration_ns, e.name)
+           for line in trace.find_plane_with_name("/host:CPU").lines for e in line.events
+           if e.name in kinds]
+  # Operations run at once on several threads: each instant of wall time is split equally
+  # between the operations running in it, so the kinds add up to the time any of them ran.
+  bounds = sorted((t, start, i) for i, (a, b, _) in enumerate(spans)
+                  for t, start in ((a, 1), (b, 0)))
+  per_op, running, last = collections.Counter(), set(), 0
+  for t, start, i in bounds:
+    for j in running:
+      per_op[spans[j][2]] += (t - last) / len(running) / 1e6 / reps
+    last = t
+    (running.add if start else running.discard)(i)
   per_kind = collections.Counter()
   for name, ms in per_op.items():
     per_kind[kinds[name][0]] += ms
@@ -119,10 +137,10 @@ def op_breakdown(fn, args, reps: int, top: int = 12):
 def print_ops(fn, args, reps: int):
   wall, per_kind, top = op_breakdown(fn, args, reps)
   total = sum(per_kind.values())
-  print(f"  wall {wall:.1f} ms a step; thread time of its operations {total:.1f} ms")
+  print(f"  wall {wall:.1f} ms a step; its operations ran during {total:.1f} ms of it")
   for kind, ms in per_kind.most_common():
     print(f"  {kind:<26}{ms:>9.1f} ms{ms / total:>6.0%}")
-  print("  longest operations (thread ms a step, shape, JAX op):")
+  print("  longest operations (ms a step, shape, JAX op):")
   for ms, name, _, shape, source in top:
     source = source.replace("jit(train_step)/", "")
     print(f"  {ms:>8.1f}  {name[:28]:<28} {shape[:34]:<34} {source[-90:]}")
@@ -200,7 +218,7 @@ def main():
                  help="trace whole steps and break their time down by compiled operation")
   args = p.parse_args()
   data = data_load.load(retrieval_configs.get_config("ml-1m", "hstu", "base").input, "sequences")
-  how = f"thread ms a step, {args.reps} traced steps" if args.ops else f"ms, median of {args.reps}"
+  how = f"ms a step, {args.reps} traced steps" if args.ops else f"ms, median of {args.reps}"
   print(f"backend={jax.default_backend()} batch=128 N={args.n} ({how})")
   for spec in args.models.split(","):
     for negatives in args.negatives.split(","):
@@ -213,5 +231,4 @@ def main():
 
 
 if __name__ == "__main__":
-  allocator.restart()  # as fmx.main does (fmx/allocator.py)
   main()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -150,7 +149,7 @@ def main():
   peak = matmul_peak_gflops()
   head = (f"backend={jax.default_backend()}, f32 matmul peak of this run: {peak:.0f} GFLOP/s "
           f"(2048^2, best of 10); {args.steps} timed steps per row; allocator: "
-          f"{os.environ.get(allocator.APPLIED) or 'system'}")
+          f"{allocator.active()}")
   print(head, flush=True)
   cols = ["model", "work", "step ms", "seq/s", "tokens/s", "s/epoch", "useful GFLOP/s",
           "of peak", "page faults/step", "kernel ms/step", "eval s (users)", "peak RSS MB"]

@@ -30,8 +30,8 @@ def test_every_operation_gets_its_kind_and_loops_are_timed_inside():
   assert loops and not set(loops) & set(kinds)  # a loop is timed by what runs inside it
 
 
-def test_the_breakdown_sums_the_traced_operations():
+def test_the_breakdown_splits_the_traced_wall_time():
   wall, per_kind, top = step_profile.op_breakdown(fn, ARGS, reps=2, top=3)
   assert wall > 0 and per_kind["matmul (+ fused)"] > 0 and per_kind["scatter"] > 0
   assert len(top) == 3 and top[0][0] >= top[1][0] >= top[2][0] > 0
-  assert sum(per_kind.values()) >= sum(ms for ms, *_ in top)
+  assert sum(per_kind.values()) <= wall  # concurrent operations share the wall time
