@@ -158,6 +158,9 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int,
                                  make_optimizer(c.optimizer), data.num_items)
   state = nn.meta.unbox(task.init(jax.random.PRNGKey(0)))
   rng = jax.random.PRNGKey(1)
+  if ops:
+    print_ops(task.train_step, (state, batch, rng), reps)
+    return {}
   hc = task.model.config
   b, layers = batch["ids"].shape[0], hc.num_layers
   key = jax.random.split(jax.random.PRNGKey(2), 4)
@@ -165,9 +168,6 @@ def profile(data, encoder: str, variant: str, negatives: str, n: int, reps: int,
   q, k = (normal(key[i], b, n, hc.num_heads, hc.dqk) for i in range(2))
   v = normal(key[2], b, n, hc.num_heads, hc.dv)
   lengths = jnp.asarray(batch["lengths"])
-  if ops:
-    print_ops(task.train_step, (state, batch, rng), reps)
-    return {}
   out = {}
   out["step"] = median_ms(task.train_step, state, batch, rng, reps=reps)
   grads = jax.grad(lambda p, batch: task.loss(p, batch, rng)[0])
